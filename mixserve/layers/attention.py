@@ -1,0 +1,134 @@
+"""Paged attention over a flat slot cache, with a torch SDPA reference backend.
+
+The KV cache of one layer is a pair of tensors `[num_slots, num_kv_heads, head_dim]` where
+`num_slots = num_blocks * block_size`; slot `b * block_size + i` holds token `i` of block `b`.
+A forward pass writes the new tokens' K/V at `slot_mapping`, then gathers each sequence's context
+through `kv_slots` and runs masked SDPA. Sequences are packed: the tokens of sequence `i` are rows
+`query_start[i]:query_start[i + 1]` of every `[num_tokens, ...]` tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+"""(k_cache, v_cache), each `[num_slots, num_kv_heads, head_dim]`."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Layout of one packed batch; built once per step by the runner, shared by every layer."""
+
+    query_lens: list[int]
+    """New tokens per sequence this step."""
+    seq_lens: list[int]
+    """Context length per sequence after this step (cached + new)."""
+    slot_mapping: torch.Tensor
+    """`[num_tokens]` int64: cache slot receiving each new token's K/V."""
+    kv_slots: torch.Tensor | None
+    """`[num_seqs, max_seq_len]` int64: slots of each sequence's context (padding -> 0); None when
+    every sequence is a fresh prefill that needs no gather (see `self_contained`)."""
+    q_index: torch.Tensor | None
+    """`[num_tokens]` int64: row of each token in the padded `[num_seqs * max_query_len]` layout;
+    None when all query_lens are equal (no padding needed)."""
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens)
+
+    @property
+    def self_contained(self) -> bool:
+        """One sequence with nothing cached: attention needs only this step's K/V."""
+        return self.num_seqs == 1 and self.seq_lens[0] == self.query_lens[0]
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """Boolean `[num_seqs, 1, max_query_len, max_seq_len]` (True = attend), cached per window.
+
+        Query row t of sequence i sits at absolute position `p = seq_len - query_len + t` and sees
+        keys j with `j <= p`, `j < seq_len` and (sliding) `p - j < sliding_window`. Padding rows see
+        key 0 only, so softmax never meets an all-masked row.
+        """
+        if sliding_window is not None and sliding_window >= self.max_seq_len:
+            sliding_window = None
+        if sliding_window in self._masks:
+            return self._masks[sliding_window]
+        if self.self_contained and sliding_window is None:
+            self._masks[sliding_window] = None  # plain causal, SDPA's is_causal does it
+            return None
+        q_lens = torch.tensor(self.query_lens)
+        s_lens = torch.tensor(self.seq_lens)
+        t = torch.arange(self.max_query_len)
+        j = torch.arange(self.max_seq_len)
+        pos = (s_lens - q_lens)[:, None] + t[None, :]  # [num_seqs, max_query_len]
+        allowed = (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < s_lens[:, None, None])
+        if sliding_window is not None:
+            allowed &= (pos[:, :, None] - j[None, None, :]) < sliding_window
+        padding = t[None, :] >= q_lens[:, None]
+        allowed[padding] = j == 0
+        mask = allowed[:, None, :, :]
+        self._masks[sliding_window] = mask
+        return mask
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads over the paged cache (no parameters).
+
+    q: `[num_tokens, num_heads, head_dim]`; k, v: `[num_tokens, num_kv_heads, head_dim]`,
+    already rotated. Returns `[num_tokens, num_heads * head_dim]`.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        num_tokens = q.shape[0]
+        mask = meta.mask(self.sliding_window)
+        gqa = self.num_heads != self.num_kv_heads
+        if meta.self_contained:
+            # [1, heads, num_tokens, head_dim] straight from this step's K/V.
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=gqa)
+            return out[0].transpose(0, 1).reshape(num_tokens, -1)
+        assert meta.kv_slots is not None
+        num_seqs, max_q = meta.num_seqs, meta.max_query_len
+        # [num_seqs, num_kv_heads, max_seq_len, head_dim] gathered context.
+        keys = k_cache[meta.kv_slots].to(q.dtype).transpose(1, 2)
+        values = v_cache[meta.kv_slots].to(q.dtype).transpose(1, 2)
+        if meta.q_index is None:
+            q_pad = q.view(num_seqs, max_q, self.num_heads, self.head_dim)
+        else:
+            q_pad = q.new_zeros(num_seqs * max_q, self.num_heads, self.head_dim)
+            q_pad[meta.q_index] = q
+            q_pad = q_pad.view(num_seqs, max_q, self.num_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), keys, values, attn_mask=mask,
+                                             scale=self.scale, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(num_seqs * max_q, self.num_heads * self.head_dim)
+        if meta.q_index is not None:
+            out = out[meta.q_index]
+        return out
