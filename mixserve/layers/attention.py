@@ -35,6 +35,10 @@ class AttentionMetadata:
     q_index: torch.Tensor | None
     """`[num_tokens]` int64: row of each token in the padded `[num_seqs * max_query_len]` layout;
     None when all query_lens are equal (no padding needed)."""
+    groups: list[AttentionMetadata] | None = None
+    """Optional split of the batch into consecutive groups of sequences, each attended separately
+    (e.g. all decodes in one group, each long prefill alone) so short queries are not padded to the
+    longest one. Each group's `slot_mapping` is unused (the cache write is done once for the batch)."""
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -106,6 +110,18 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        if meta.groups is None:
+            return self._attend(q, k, v, kv_cache, meta)
+        outs, start = [], 0
+        for group in meta.groups:
+            end = start + sum(group.query_lens)
+            outs.append(self._attend(q[start:end], k[start:end], v[start:end], kv_cache, group))
+            start = end
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
         num_tokens = q.shape[0]
         mask = meta.mask(self.sliding_window)
         gqa = self.num_heads != self.num_kv_heads

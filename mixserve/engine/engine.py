@@ -1,0 +1,243 @@
+"""The step loop: add requests, schedule, execute through a runner, turn tokens into outputs.
+
+Pure Python: the runner (torch) sits behind the `ModelRunner` protocol. Every public method leaves
+the engine consistent; a failing request is finished with `FinishReason.ERROR` and its blocks are
+freed, the other requests in the batch carry on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mixserve.config import EngineConfig
+from mixserve.engine.output import GroupState
+from mixserve.engine.request import Request, RequestStatus
+from mixserve.engine.scheduler import Scheduler, SchedulerOutput
+from mixserve.outputs import FinishReason, RequestOutput, TokenLogprobs
+from mixserve.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request was rejected at admission; the message names the field and the value."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at `SchedulerConfig.max_num_waiting`."""
+
+
+@dataclass
+class RunnerOutput:
+    """Per-request results of one step, keyed by `Request.request_id`."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    """Entries for the prompt positions computed this step (position p predicts token p + 1)."""
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class ModelRunner(Protocol):
+    def execute(self, out: SchedulerOutput) -> RunnerOutput: ...
+
+
+class Tokenizer(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine must know about the model, without importing it."""
+
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    num_blocks: int
+
+
+class Engine:
+    """Continuous batching over a paged KV cache. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer: Tokenizer,
+                 info: ModelInfo) -> None:
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.info = info
+        self.scheduler = Scheduler(config.scheduler, config.cache, info.num_blocks)
+        self.groups: dict[str, GroupState] = {}
+        self.requests: dict[str, Request] = {}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_prompt_tokens": 0,
+                         "steps": 0, "errors": 0}
+
+    # -- admission -----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        """Queue a prompt; raises RequestError (bad input) or QueueFullError, queuing nothing."""
+        ids = self._validate(request_id, prompt_token_ids, params)
+        limit = self.config.scheduler.max_num_waiting
+        if limit is not None and len(self.scheduler.waiting) >= limit:
+            raise QueueFullError(f"waiting queue is full ({limit} requests)")
+        request = Request(request_id=request_id if params.n == 1 else f"{request_id}#0",
+                          group_id=request_id, sample_index=0, prompt_token_ids=ids, params=params,
+                          max_model_len=self.info.max_model_len)
+        group = GroupState(request_id, prompt, ids, params, self.tokenizer, self.info.eos_token_ids)
+        self.groups[request_id] = group
+        self.counters["prompt_tokens"] += len(ids)
+        if params.n > 1:
+            request.fork_at = len(ids) - 1
+        group.add_sample(request)
+        self._track(request)
+        self.scheduler.add(request)
+        if request.fork_at == 0:
+            self._fork_pending(request)
+
+    def _validate(self, request_id: str, prompt_token_ids: Sequence[int],
+                  params: SamplingParams) -> list[int]:
+        if request_id in self.groups:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise RequestError("prompt is empty: at least one token is needed")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary "
+                               f"[0, {self.info.vocab_size})")
+        if len(ids) >= self.info.max_model_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; the context length is "
+                               f"{self.info.max_model_len}, leaving no room to generate")
+        if params.prompt_logprobs is not None and params.n > 1:
+            raise RequestError("prompt_logprobs with n > 1 is not supported; ask for n=1")
+        return ids
+
+    def _track(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+
+    # -- the step -----------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self.groups)
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling + forward + sampling round; returns deltas of requests that changed."""
+        out = self.scheduler.schedule()
+        changed: set[str] = set()
+        if not out.is_empty:
+            result = self._execute(out)
+            self.scheduler.update(out)
+            self.counters["steps"] += 1
+            changed = self._apply(out, result)
+        self._fork_ready()
+        return self._collect(changed)
+
+    def _execute(self, out: SchedulerOutput) -> RunnerOutput:
+        try:
+            return self.runner.execute(out)
+        except Exception as exc:  # noqa: BLE001 - isolate the request that fails
+            if len(out.seqs) == 1:
+                return RunnerOutput(errors={out.seqs[0].request_id: f"{type(exc).__name__}: {exc}"})
+        merged = RunnerOutput()
+        for i, seq in enumerate(out.seqs):
+            single = SchedulerOutput(seqs=[seq], copies=out.copies if i == 0 else [],
+                                     finished_request_ids=out.finished_request_ids if i == 0 else [],
+                                     block_size=out.block_size)
+            part = self._execute(single)
+            merged.sampled.update(part.sampled)
+            merged.logprobs.update(part.logprobs)
+            merged.prompt_logprobs.update(part.prompt_logprobs)
+            merged.errors.update(part.errors)
+        return merged
+
+    def _apply(self, out: SchedulerOutput, result: RunnerOutput) -> set[str]:
+        changed = set()
+        now = time.monotonic()
+        for seq in out.seqs:
+            request = seq.request
+            group = self.groups.get(request.group_id)
+            if group is None or request.finished:
+                continue
+            rid = request.request_id
+            if rid in result.errors:
+                self.counters["errors"] += 1
+                group.fail(request, result.errors[rid])
+                self._finish(request)
+                changed.add(group.request_id)
+                continue
+            if rid in result.prompt_logprobs:
+                group.add_prompt_logprobs(result.prompt_logprobs[rid])
+            if rid in result.sampled:
+                token = result.sampled[rid]
+                request.token_ids.append(token)
+                self.counters["generation_tokens"] += 1
+                group.on_token(request, token, result.logprobs.get(rid), now)
+                if request.finished or request.finish_reason is not None:
+                    self._finish(request)
+                changed.add(group.request_id)
+        return changed
+
+    def _fork_ready(self) -> None:
+        for request in list(self.scheduler.running):
+            if request.fork_at is not None and request.num_computed_tokens >= request.fork_at:
+                self._fork_pending(request)
+
+    def _fork_pending(self, parent: Request) -> None:
+        """Split a request with n > 1 into its samples, sharing every KV block computed so far."""
+        parent.fork_at = None
+        group = self.groups[parent.group_id]
+        for i in range(1, parent.params.n):
+            child = parent.clone(f"{parent.group_id}#{i}", i)
+            self._track(child)
+            group.add_sample(child)
+            if parent.status is RequestStatus.RUNNING:
+                self.scheduler.kv.fork(parent, child)
+                self.scheduler.add_running(child, after=parent)
+            else:
+                self.scheduler.waiting.append(child)
+
+    def _finish(self, request: Request) -> None:
+        if request.finish_reason is None:
+            request.finish_reason = FinishReason.ERROR
+        self.scheduler.finish(request)
+        self.requests.pop(request.request_id, None)
+
+    def _collect(self, changed: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for group_id in changed:
+            group = self.groups[group_id]
+            outputs.append(group.delta())
+            if group.finished:
+                self.counters["cached_prompt_tokens"] += group.num_cached_tokens
+                del self.groups[group_id]
+        return outputs
+
+    # -- cancellation ---------------------------------------------------------------------------
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort every sample of `request_id`; returns its final delta (None if unknown/finished)."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return None
+        for request in group.samples:
+            if not request.finished:
+                group.abort(request)
+                self._finish(request)
+        output = group.delta()
+        del self.groups[request_id]
+        return output
+
+    # -- introspection ------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        pool = self.scheduler.kv.pool
+        return {
+            "num_running": float(len(self.scheduler.running)),
+            "num_waiting": float(len(self.scheduler.waiting)),
+            "kv_cache_usage": pool.usage,
+            "num_free_blocks": float(pool.num_free_blocks),
+            "num_blocks": float(pool.num_blocks),
+            "prefix_cache_queries": float(pool.num_queries),
+            "prefix_cache_hits": float(pool.num_hits),
+            "num_preemptions": float(self.scheduler.num_preemptions),
+            **{k: float(v) for k, v in self.counters.items()},
+        }

@@ -1,0 +1,138 @@
+"""Per-request output state: detokenized text, stop checks, and deltas for streaming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mixserve.engine.detokenizer import Decoder, IncrementalDetokenizer, find_stop
+from mixserve.engine.request import Request
+from mixserve.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
+from mixserve.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleState:
+    """Text and tokens of one sample, with how much of each was already handed out."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    text: str = ""
+    num_text_sent: int = 0
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_sent: bool = False
+    text_final: bool = False
+
+
+class GroupState:
+    """All samples of one caller request. `delta()` returns what changed since the last call.
+
+    Text is held back by `len(longest stop string) - 1` characters while a sample runs, so a stop
+    string is never streamed in part; a matched stop string is cut from the text.
+    """
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
+                 params: SamplingParams, tokenizer: Decoder, eos_token_ids: tuple[int, ...]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.tokenizer = tokenizer
+        self.eos = frozenset(eos_token_ids)
+        self.samples: list[Request] = []
+        self.states: dict[int, SampleState] = {}
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.prompt_logprobs_sent = False
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.metrics: dict[str, float] = {}
+        self.num_cached_tokens = 0
+
+    @property
+    def finished(self) -> bool:
+        return len(self.samples) == self.params.n and all(r.finish_reason for r in self.samples)
+
+    def add_sample(self, request: Request) -> None:
+        self.samples.append(request)
+        detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, self.params.skip_special_tokens)
+        self.states[request.sample_index] = SampleState(request, detok)
+
+    def add_prompt_logprobs(self, entries: list[TokenLogprobs]) -> None:
+        assert self.prompt_logprobs is not None
+        self.prompt_logprobs.extend(entries)
+
+    # -- tokens in ----------------------------------------------------------------------------
+    def on_token(self, request: Request, token: int, logprobs: TokenLogprobs | None, now: float) -> None:
+        """Record a sampled token; sets `request.finish_reason` when the sample must stop."""
+        self.metrics.setdefault("first_token_time", now)
+        self.num_cached_tokens = max(self.num_cached_tokens, request.num_cached_tokens)
+        state = self.states[request.sample_index]
+        state.new_token_ids.append(token)
+        if logprobs is not None:
+            state.new_logprobs.append(logprobs)
+        params = request.params
+        num_out = request.num_output_tokens
+        allowed_to_stop = num_out >= params.min_tokens
+        if allowed_to_stop and not params.ignore_eos and token in self.eos:
+            self._stop(state, FinishReason.STOP, None)
+            return
+        if allowed_to_stop and token in params.stop_token_ids:
+            self._stop(state, FinishReason.STOP, token)
+            return
+        delta = state.detok.add(token)
+        state.text += delta
+        if params.stop and delta and allowed_to_stop:
+            hit = find_stop(state.text, len(delta), params.stop)
+            if hit is not None:
+                index, stop = hit
+                state.text = state.text[:index + (len(stop) if params.include_stop_str_in_output else 0)]
+                state.text_final = True
+                self._stop(state, FinishReason.STOP, stop)
+                return
+        if params.max_tokens is not None and num_out >= params.max_tokens:
+            self._stop(state, FinishReason.LENGTH, None)
+        elif request.num_tokens >= request.max_model_len:
+            self._stop(state, FinishReason.LENGTH, None)
+
+    def _stop(self, state: SampleState, reason: FinishReason, stop_reason: str | int | None) -> None:
+        if not state.text_final:
+            state.text += state.detok.flush()
+            state.text_final = True
+        state.request.finish_reason = reason
+        state.request.stop_reason = stop_reason
+
+    def fail(self, request: Request, message: str) -> None:
+        request.error = message
+        self._stop(self.states[request.sample_index], FinishReason.ERROR, None)
+
+    def abort(self, request: Request) -> None:
+        self._stop(self.states[request.sample_index], FinishReason.ABORT, None)
+
+    # -- deltas out ---------------------------------------------------------------------------
+    def delta(self) -> RequestOutput:
+        outputs = []
+        for index in sorted(self.states):
+            state = self.states[index]
+            request = state.request
+            done = request.finish_reason is not None
+            limit = len(state.text) if done else max(state.num_text_sent, len(state.text) - self.holdback)
+            text = state.text[state.num_text_sent:limit]
+            if not state.new_token_ids and not text and (state.finish_sent or not done):
+                continue
+            outputs.append(CompletionOutput(
+                index=index, text=text, token_ids=state.new_token_ids,
+                logprobs=state.new_logprobs if request.params.logprobs is not None else None,
+                finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+                error=request.error))
+            state.num_text_sent = limit
+            state.new_token_ids, state.new_logprobs = [], []
+            state.finish_sent = done
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_sent and \
+                len(self.prompt_logprobs) >= len(self.prompt_ids):
+            prompt_logprobs = self.prompt_logprobs[:len(self.prompt_ids)]
+            self.prompt_logprobs_sent = True
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
+                             prompt_token_ids=self.prompt_ids, outputs=outputs, finished=self.finished,
+                             prompt_logprobs=prompt_logprobs, num_cached_tokens=self.num_cached_tokens,
+                             metrics=dict(self.metrics))

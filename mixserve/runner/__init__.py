@@ -1,0 +1,1 @@
+"""Torch side of a step: batch tensors, model forward, sampling."""
