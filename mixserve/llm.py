@@ -73,19 +73,20 @@ class LLM:
         params = params or SamplingParams()
         batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
         ids = [self._add(p, params) for p in batch]  # type: ignore[arg-type]
-        results = {rid: None for rid in ids}
+        pending = set(ids)
         finals: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
-        while len(finals) < len(ids):
+        while pending:
             for delta in self.engine.step():
-                if delta.request_id not in results:
+                if delta.request_id not in finals and delta.request_id not in pending:
                     continue
-                merged = _merge(finals.get(delta.request_id) or _accumulator(delta), delta)
-                finals[delta.request_id] = merged
+                finals[delta.request_id] = _merge(finals.get(delta.request_id) or _accumulator(delta),
+                                                  delta)
                 if delta.finished:
+                    pending.discard(delta.request_id)
                     bar.update(1)
-            if not self.engine.has_unfinished() and len(finals) < len(ids):
-                break
+            if pending and not self.engine.has_unfinished():
+                raise RuntimeError(f"engine went idle with requests unfinished: {sorted(pending)}")
         bar.close()
         return [finals[rid] for rid in ids]
 

@@ -43,7 +43,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim or head_dim
-        self.register_buffer("inv_freq", _inv_freq(self.rotary_dim, base, scaling), persistent=False)
+        # A plain attribute, not a buffer: `module.to(bfloat16)` must not round the frequencies
+        # (bf16 inv_freq puts the angle off by radians at a few hundred positions).
+        self.inv_freq = _inv_freq(self.rotary_dim, base, scaling)  # [rotary_dim // 2] float32
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[num_tokens, 1, rotary_dim]` cos and sin for `positions` `[num_tokens]` (float32)."""

@@ -1,0 +1,5 @@
+import sys
+
+from mixserve.cli import main
+
+sys.exit(main())

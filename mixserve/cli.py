@@ -1,0 +1,190 @@
+"""`mixserve` command line: argparse -> config -> LLM. No logic of its own beyond I/O."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from mixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from mixserve.sampling_params import SamplingParams
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL, help="known model name or path (default: %(default)s)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.add_argument("--weight-format", choices=["auto", "dense", "int8"], default="auto")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory (GiB)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--cache-dir", default=None, help="where pulled models live")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", type=int, default=1, help="number of samples")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--temperature", "-t", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype, weight_format=args.weight_format,
+                          max_model_len=args.max_model_len, num_threads=args.threads),
+        cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs))
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(n=args.n, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, seed=args.seed,
+                          stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def _load(args: argparse.Namespace):  # -> LLM
+    from mixserve.llm import LLM
+
+    start = time.perf_counter()
+    llm = LLM(config=engine_config(args), cache_dir=args.cache_dir)
+    print(f"[mixserve] loaded {args.model} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return llm
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)  # validate before loading the model
+    llm = _load(args)
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    start, first, num_tokens = time.perf_counter(), None, 0
+    if params.n == 1:
+        for delta in llm.stream(prompt, params):
+            for out in delta.outputs:
+                first = first or time.perf_counter()
+                num_tokens += len(out.token_ids)
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        for result in llm.generate(prompt, params):
+            first = first or time.perf_counter()
+            for out in result.outputs:
+                num_tokens += len(out.token_ids)
+                print(f"--- sample {out.index} ({out.finish_reason.value if out.finish_reason else ''}) ---")
+                print(out.text)
+    elapsed = time.perf_counter() - start
+    ttft = (first - start) if first else float("nan")
+    print(f"[mixserve] {num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.1f} tok/s, "
+          f"first token {ttft * 1000:.0f} ms)", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    llm = _load(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("[mixserve] chat: type a message, /reset to clear, /exit or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        reply = ""
+        for delta in llm.stream(llm.chat_prompt(messages), params):
+            for out in delta.outputs:
+                if out.index == 0:
+                    reply += out.text
+                    sys.stdout.write(out.text)
+                    sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mixserve.hub import list_models
+
+    print(f"{'name':<16} {'size':>10}  {'cached':<7} source")
+    for m in list_models(cache_dir=args.cache_dir):
+        print(f"{m.name:<16} {m.size_bytes / 1e6:>8.1f}MB  {'yes' if m.cached else 'no':<7} {m.description}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from mixserve.hub import pull
+
+    path = pull(args.name, cache_dir=args.cache_dir)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixserve", description="Inference engine for experts at every scale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate from a prompt, streaming text")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive chat")
+    chat.add_argument("--system", default=None, help="system message")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    models = sub.add_parser("models", help="list known models")
+    models.add_argument("--cache-dir", default=None)
+    models.set_defaults(func=cmd_models)
+    pull = sub.add_parser("pull", help="fetch a known model into the cache")
+    pull.add_argument("name")
+    pull.add_argument("--cache-dir", default=None)
+    pull.set_defaults(func=cmd_pull)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Config, sampling, checkpoint and request errors all carry a message naming the culprit.
+        print(f"mixserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Gemma3 text (`Gemma3ForCausalLM`, model_type gemma3_text).
+
+Differences from Llama: the embedding is scaled by sqrt(hidden_size); every RMSNorm is `(1 + w)`;
+each block has four norms (around attention and around the MLP); q/k heads are RMS-normed before
+RoPE; the MLP is GeGLU (tanh gelu); the attention scale is `query_pre_attn_scalar ** -0.5`. Layers
+alternate sliding-window attention (local RoPE base) with full attention (global base and scaling),
+and the final logits may be tanh-softcapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
+from mixserve.layers.linear import Linear
+from mixserve.layers.norm import RMSNorm
+from mixserve.layers.rotary import RotaryEmbedding
+from mixserve.models.base import WeightError
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
+RopeSpec = tuple[float, dict[str, Any] | None]
+
+
+def _require(cfg: dict[str, Any], key: str) -> Any:
+    if cfg.get(key) is None:
+        raise ValueError(f"gemma3 config is missing required key {key!r}")
+    return cfg[key]
+
+
+def _sliding_layers(cfg: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
+    """`layer_types` when given, else the older `sliding_window_pattern` (every n-th layer is full)."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        if len(types) != num_layers:
+            raise ValueError(f"gemma3: layer_types has {len(types)} entries for {num_layers} layers")
+        return tuple(t == "sliding_attention" for t in types)
+    pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+    return tuple((i + 1) % pattern != 0 for i in range(num_layers))
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[RopeSpec, RopeSpec]:
+    """(base, scaling) for the sliding layers and for the full-attention layers.
+
+    HF 5.x writes `rope_parameters` keyed by layer type; older configs have `rope_local_base_freq`
+    for sliding layers and `rope_theta` + `rope_scaling` for full-attention layers.
+    """
+    params = cfg.get("rope_parameters") or {}
+    local_theta = float(cfg.get("rope_local_base_freq", 10000.0))
+    global_theta = float(cfg.get("rope_theta", 1_000_000.0))
+    if "full_attention" in params or "sliding_attention" in params:
+        local = dict(params.get("sliding_attention") or {})
+        full = dict(params.get("full_attention") or {})
+        return ((float(local.get("rope_theta", local_theta)), local or None),
+                (float(full.get("rope_theta", global_theta)), full or None))
+    full = dict(params or cfg.get("rope_scaling") or {})
+    return (local_theta, None), (float(full.get("rope_theta", global_theta)), full or None)
+
+
+@dataclass(frozen=True)
+class Gemma3Args:
+    """The part of an HF Gemma3 text config.json this module reads."""
+
+    vocab_size: int
+    """Rows of the embedding and the LM head."""
+    hidden_size: int
+    """Width of the residual stream."""
+    intermediate_size: int
+    """Width of the GeGLU MLP."""
+    num_hidden_layers: int
+    """Decoder blocks."""
+    num_attention_heads: int
+    """Query heads."""
+    num_key_value_heads: int
+    """KV heads (GQA); defaults to `num_attention_heads`."""
+    head_dim: int
+    """Channels per head (independent of `hidden_size`); 256, HF's default, when absent."""
+    rms_norm_eps: float
+    """Epsilon of every RMSNorm."""
+    query_pre_attn_scalar: float
+    """Attention scores are scaled by `query_pre_attn_scalar ** -0.5` (not `head_dim ** -0.5`)."""
+    sliding_window: int | None
+    """Attention window of the sliding layers (a key j is visible from position p if p - j < window)."""
+    sliding_layers: tuple[bool, ...]
+    """Per layer: True for sliding-window attention with local RoPE, False for full attention."""
+    rope_local: RopeSpec
+    """(base, scaling) of RoPE in the sliding layers."""
+    rope_global: RopeSpec
+    """(base, scaling) of RoPE in the full-attention layers."""
+    final_logit_softcapping: float | None
+    """Logits become `cap * tanh(logits / cap)`; None for no cap."""
+    attn_logit_softcapping: float | None
+    """Read for completeness only: HF's Gemma3 never applies it (unlike Gemma2), so neither do we."""
+    tie_word_embeddings: bool
+    """The LM head shares the embedding matrix (the Gemma default)."""
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any]) -> Gemma3Args:
+        num_heads = int(_require(cfg, "num_attention_heads"))
+        num_layers = int(_require(cfg, "num_hidden_layers"))
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"gemma3: unsupported hidden_activation {act!r} (only 'gelu_pytorch_tanh')")
+        if cfg.get("use_bidirectional_attention"):
+            raise ValueError("gemma3: use_bidirectional_attention=True (embedding models) is not supported")
+        rope_local, rope_global = _rope(cfg)
+        final_cap = cfg.get("final_logit_softcapping")
+        attn_cap = cfg.get("attn_logit_softcapping")
+        return Gemma3Args(
+            vocab_size=int(_require(cfg, "vocab_size")),
+            hidden_size=int(_require(cfg, "hidden_size")),
+            intermediate_size=int(_require(cfg, "intermediate_size")),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or 256),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+            sliding_window=cfg.get("sliding_window"),
+            sliding_layers=_sliding_layers(cfg, num_layers),
+            rope_local=rope_local,
+            rope_global=rope_global,
+            final_logit_softcapping=float(final_cap) if final_cap is not None else None,
+            attn_logit_softcapping=float(attn_cap) if attn_cap is not None else None,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        )
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, args: Gemma3Args, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(args.hidden_size, q_size + 2 * kv_size)
+        self.o_proj = Linear(q_size, args.hidden_size)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, offset=1.0)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, offset=1.0)
+        self.rotary = rotary  # the local or global RoPE, shared with the other layers of that kind
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                              args.query_pre_attn_scalar**-0.5, sliding_window=sliding_window)
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        q, k = self.q_norm(q), self.k_norm(k)  # per head, before RoPE
+        q, k = self.rotary(q, k, cos_sin)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, args: Gemma3Args) -> None:
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)  # [num_tokens, hidden_size]
+
+
+class Gemma3Block(nn.Module):
+    def __init__(self, args: Gemma3Args, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
+        super().__init__()
+        self.self_attn = Gemma3Attention(args, rotary, sliding_window)
+        self.mlp = Gemma3MLP(args)
+        norm = lambda: RMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
+        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, args: Gemma3Args) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size), _freeze=True)
+        # A buffer so that `.to(dtype)` rounds it like HF does (the scale is applied in activation dtype).
+        self.register_buffer("embed_scale", torch.tensor(args.hidden_size**0.5), persistent=False)
+        self.rotary_local = RotaryEmbedding(args.head_dim, args.rope_local[0], scaling=args.rope_local[1])
+        self.rotary_global = RotaryEmbedding(args.head_dim, args.rope_global[0], scaling=args.rope_global[1])
+        self.sliding_layers = args.sliding_layers
+        self.layers = nn.ModuleList(
+            Gemma3Block(args, self.rotary_local, args.sliding_window) if sliding
+            else Gemma3Block(args, self.rotary_global, None)
+            for sliding in args.sliding_layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        # Both RoPE tables once per step, shared by every layer of their kind.
+        local_cos_sin = self.rotary_local.cos_sin(positions)
+        global_cos_sin = self.rotary_global.cos_sin(positions)
+        x = self.embed_tokens(input_ids) * self.embed_scale  # [num_tokens, hidden_size]
+        for layer, sliding, kv_cache in zip(self.layers, self.sliding_layers, kv_caches):
+            x = layer(x, local_cos_sin if sliding else global_cos_sin, kv_cache, meta)
+        return self.norm(x)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Gemma3 text over the paged KV cache (the `CausalLM` contract of `models/base.py`)."""
+
+    def __init__(self, hf_config: dict[str, Any]) -> None:
+        super().__init__()
+        self.args = args = Gemma3Args.from_hf(hf_config)
+        self.model = Gemma3Model(args)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = cast(nn.Parameter, self.model.embed_tokens.weight)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        return self.model(input_ids, positions, meta, kv_caches)  # [num_tokens, hidden_size]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()  # [n, vocab_size]
+        cap = self.args.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def kv_cache_shapes(self) -> list[tuple[int, int]]:
+        return [(self.args.num_key_value_heads, self.args.head_dim)] * self.args.num_hidden_layers
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF tensors in; q/k/v and gate/up land in row ranges of the fused projections."""
+        q, kv, inter = self.args.num_attention_heads * self.args.head_dim, \
+            self.args.num_key_value_heads * self.args.head_dim, self.args.intermediate_size
+        fused = {"qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
+                 "gate_up_proj": [("gate_proj", inter), ("up_proj", inter)]}
+        targets = _hf_targets(self, fused)
+        tied = self.args.tie_word_embeddings  # HF drops (or ignores) lm_head.weight when tied
+        for name, tensor in weights:
+            if name.endswith("inv_freq") or (tied and name == "lm_head.weight"):
+                continue
+            _copy_into(targets, name, tensor)
+        if targets:
+            raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")
+
+
+def _hf_targets(module: nn.Module, fused: dict[str, list[tuple[str, int]]]) -> dict[str, torch.Tensor]:
+    """HF tensor name -> the view of our parameter it fills (a row range for fused projections)."""
+    targets: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():  # a tied lm_head is deduplicated away
+        owner, _, leaf = name.rpartition(".")
+        prefix, _, proj = owner.rpartition(".")
+        if proj not in fused:
+            targets[name] = param.data
+            continue
+        start = 0
+        for hf_proj, rows in fused[proj]:
+            targets[f"{prefix}.{hf_proj}.{leaf}"] = param.data[start:start + rows]
+            start += rows
+    return targets
+
+
+def _copy_into(targets: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
+    dst = targets.pop(name, None)
+    if dst is None:
+        raise WeightError(f"unexpected (or repeated) checkpoint tensor {name!r}")
+    if dst.shape != tensor.shape:
+        raise WeightError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(tensor)

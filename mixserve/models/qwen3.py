@@ -1,0 +1,237 @@
+"""Qwen3: Llama-shaped decoder with RMSNorm on each q/k head before RoPE (q_norm/k_norm).
+
+q/k/v are one fused `qkv_proj` and gate/up one `gate_up_proj`; `load_weights` slices the HF tensors
+into their rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
+from mixserve.layers.linear import Linear
+from mixserve.layers.norm import RMSNorm
+from mixserve.layers.rotary import RotaryEmbedding
+from mixserve.models.base import WeightError
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+def _require(cfg: dict[str, Any], key: str) -> Any:
+    if cfg.get(key) is None:
+        raise ValueError(f"qwen3 config is missing required key {key!r}")
+    return cfg[key]
+
+
+def _sliding_layers(cfg: dict[str, Any], num_layers: int, window: int | None) -> tuple[bool, ...]:
+    """Which layers use the window: `layer_types` when given, else layers from `max_window_layers` on."""
+    if window is None:
+        return (False,) * num_layers
+    types = cfg.get("layer_types")
+    if types is not None:
+        if len(types) != num_layers:
+            raise ValueError(f"qwen3: layer_types has {len(types)} entries for {num_layers} layers")
+        return tuple(t == "sliding_attention" for t in types)
+    first = int(cfg.get("max_window_layers", 28))
+    return tuple(i >= first for i in range(num_layers))
+
+
+@dataclass(frozen=True)
+class Qwen3Args:
+    """The part of an HF Qwen3 config.json this module reads."""
+
+    vocab_size: int
+    """Rows of the embedding and the LM head."""
+    hidden_size: int
+    """Width of the residual stream."""
+    intermediate_size: int
+    """Width of the SwiGLU MLP."""
+    num_hidden_layers: int
+    """Decoder blocks."""
+    num_attention_heads: int
+    """Query heads."""
+    num_key_value_heads: int
+    """KV heads (GQA); defaults to `num_attention_heads`."""
+    head_dim: int
+    """Channels per head (Qwen3 sets it apart from `hidden_size`); 128, HF's default, when absent."""
+    rms_norm_eps: float
+    """Epsilon of every RMSNorm."""
+    rope_theta: float
+    """RoPE base."""
+    rope_scaling: dict[str, Any] | None
+    """RoPE scaling parameters (`rope_type` default/linear/llama3), or None for plain RoPE."""
+    attention_bias: bool
+    """Bias on q/k/v/o projections."""
+    tie_word_embeddings: bool
+    """The LM head shares the embedding matrix."""
+    sliding_window: int | None
+    """Attention window of the sliding layers; None unless `use_sliding_window` is set."""
+    sliding_layers: tuple[bool, ...]
+    """Per layer: whether it attends through `sliding_window`."""
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any]) -> Qwen3Args:
+        num_heads = int(_require(cfg, "num_attention_heads"))
+        hidden_size = int(_require(cfg, "hidden_size"))
+        num_layers = int(_require(cfg, "num_hidden_layers"))
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"qwen3: unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
+        # HF 5.x nests theta and scaling under `rope_parameters`; 4.x has `rope_theta`/`rope_scaling`.
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
+        return Qwen3Args(
+            vocab_size=int(_require(cfg, "vocab_size")),
+            hidden_size=hidden_size,
+            intermediate_size=int(_require(cfg, "intermediate_size")),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or 128),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=dict(rope) if rope else None,
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            sliding_layers=_sliding_layers(cfg, num_layers, window),
+        )
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, args: Qwen3Args, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
+        self.o_proj = Linear(q_size, args.hidden_size, bias=args.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.rotary = rotary  # shared by every layer; holds no weights
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
+                              sliding_window=sliding_window)
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        q, k = self.q_norm(q), self.k_norm(k)  # per head, before RoPE
+        q, k = self.rotary(q, k, cos_sin)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, args: Qwen3Args) -> None:
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # [num_tokens, hidden_size]
+
+
+class Qwen3Block(nn.Module):
+    def __init__(self, args: Qwen3Args, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(args, rotary, sliding_window)
+        self.mlp = Qwen3MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, args: Qwen3Args) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size), _freeze=True)
+        self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta, scaling=args.rope_scaling)
+        self.layers = nn.ModuleList(
+            Qwen3Block(args, self.rotary, args.sliding_window if sliding else None)
+            for sliding in args.sliding_layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        cos_sin = self.rotary.cos_sin(positions)  # once per step, shared by every layer
+        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos_sin, kv_cache, meta)
+        return self.norm(x)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Qwen3 over the paged KV cache (the `CausalLM` contract of `models/base.py`)."""
+
+    def __init__(self, hf_config: dict[str, Any]) -> None:
+        super().__init__()
+        self.args = args = Qwen3Args.from_hf(hf_config)
+        self.model = Qwen3Model(args)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = cast(nn.Parameter, self.model.embed_tokens.weight)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        return self.model(input_ids, positions, meta, kv_caches)  # [num_tokens, hidden_size]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [n, vocab_size]
+
+    def kv_cache_shapes(self) -> list[tuple[int, int]]:
+        return [(self.args.num_key_value_heads, self.args.head_dim)] * self.args.num_hidden_layers
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF tensors in; q/k/v and gate/up land in row ranges of the fused projections."""
+        q, kv, inter = self.args.num_attention_heads * self.args.head_dim, \
+            self.args.num_key_value_heads * self.args.head_dim, self.args.intermediate_size
+        fused = {"qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
+                 "gate_up_proj": [("gate_proj", inter), ("up_proj", inter)]}
+        targets = _hf_targets(self, fused)
+        tied = self.args.tie_word_embeddings  # HF drops (or ignores) lm_head.weight when tied
+        for name, tensor in weights:
+            if name.endswith("inv_freq") or (tied and name == "lm_head.weight"):
+                continue
+            _copy_into(targets, name, tensor)
+        if targets:
+            raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")
+
+
+def _hf_targets(module: nn.Module, fused: dict[str, list[tuple[str, int]]]) -> dict[str, torch.Tensor]:
+    """HF tensor name -> the view of our parameter it fills (a row range for fused projections)."""
+    targets: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():  # a tied lm_head is deduplicated away
+        owner, _, leaf = name.rpartition(".")
+        prefix, _, proj = owner.rpartition(".")
+        if proj not in fused:
+            targets[name] = param.data
+            continue
+        start = 0
+        for hf_proj, rows in fused[proj]:
+            targets[f"{prefix}.{hf_proj}.{leaf}"] = param.data[start:start + rows]
+            start += rows
+    return targets
+
+
+def _copy_into(targets: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
+    dst = targets.pop(name, None)
+    if dst is None:
+        raise WeightError(f"unexpected (or repeated) checkpoint tensor {name!r}")
+    if dst.shape != tensor.shape:
+        raise WeightError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(tensor)
