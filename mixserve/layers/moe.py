@@ -1,0 +1,157 @@
+"""The sparse MoE layer shared by every MoE family, and the SiLU-gated MLP used for dense/shared experts.
+
+Invariant: one call routes all its tokens, asks the `ExpertProvider` ONCE for the whole active set,
+and runs each active expert ONCE, as one matmul pair over all the tokens routed to it:
+
+    ids, weights = top_k(score(x @ router^T))             [num_tokens, top_k]
+    order = argsort(ids.flatten())                         token-expert pairs grouped by expert id
+    for each active expert e (a contiguous run of `order`):
+        y[run] = down_e(silu(gate_e x) * up_e x) * weight  gate_up fused: one [2*inter, hidden] matmul
+    out = zeros.index_add_(0, token_of(order), y)          scatter-add back to tokens
+
+The families differ only in flags: how scores are made (softmax/sigmoid), whether the selected weights
+are renormalised to sum to 1, in which dtype they scale the expert outputs, and an optional shared
+expert with a sigmoid gate (Qwen2-MoE).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixserve.experts.provider import ExpertProvider, ExpertWeights, borrow_experts
+from mixserve.experts.trace import RoutingObserver
+from mixserve.layers.linear import Linear
+
+Scoring = Literal["softmax", "sigmoid"]
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`[n, 2 * inter]` (gate | up) -> `[n, inter]` silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate x) * up x), gate and up fused in one `[2 * inter, hidden]` Linear."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class RouterGate(nn.Module):
+    """x W^T with W `[num_outputs, hidden_size]`: a plain matmul, deliberately not a `Linear`, so
+    `enable_int8` never quantizes it (int8 router weights would change routing decisions)."""
+
+    def __init__(self, hidden_size: int, num_outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_outputs, hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (weights from an `ExpertProvider`) plus an optional gated shared expert.
+
+    The router (`gate`, `[num_experts, hidden_size]`) is owned by the layer; expert weights are not:
+    `forward` borrows them from the provider it is given. Parameter names follow HF (`gate.weight`,
+    `shared_expert.*`, `shared_expert_gate.weight`), with the shared expert's gate/up fused.
+    """
+
+    def __init__(self, layer_idx: int, hidden_size: int, intermediate_size: int, num_experts: int,
+                 top_k: int, *, scoring: Scoring = "softmax", normalize_topk: bool,
+                 weights_in_activation_dtype: bool, shared_intermediate_size: int | None = None,
+                 shared_expert_gate: bool = False) -> None:
+        """`normalize_topk`: rescale the selected weights to sum to 1 (Mixtral always; Qwen/OLMoE
+        `norm_topk_prob`). `weights_in_activation_dtype`: round the float32 routing weights to the
+        activation dtype before scaling expert outputs (Qwen/OLMoE) instead of scaling in float32 and
+        rounding the product (Mixtral); the two only differ below float32. `shared_intermediate_size`:
+        add an always-on expert of that width, scaled by sigmoid(x @ w) if `shared_expert_gate`."""
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown scoring {scoring!r}; expected 'softmax' or 'sigmoid'")
+        if shared_expert_gate and shared_intermediate_size is None:
+            raise ValueError("shared_expert_gate needs a shared expert (shared_intermediate_size)")
+        self.layer_idx = layer_idx
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.scoring: Scoring = scoring
+        self.normalize_topk = normalize_topk
+        self.weights_in_activation_dtype = weights_in_activation_dtype
+        self.gate = RouterGate(hidden_size, num_experts)
+        self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size)
+                              if shared_intermediate_size is not None else None)
+        self.shared_expert_gate = RouterGate(hidden_size, 1) if shared_expert_gate else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[num_tokens, hidden_size]` -> (`[num_tokens, top_k]` int64 ids, float32 weights)."""
+        logits = self.gate(x)  # [num_tokens, num_experts], in the activation dtype like HF
+        if self.scoring == "softmax":
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        else:
+            scores = torch.sigmoid(logits.float())
+        weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        if self.normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights
+
+    def forward(self, x: torch.Tensor, experts: ExpertProvider,
+                observer: RoutingObserver | None = None) -> torch.Tensor:
+        """`[num_tokens, hidden_size]` -> `[num_tokens, hidden_size]`."""
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"MoE layer {self.layer_idx} expects [num_tokens, {self.hidden_size}] "
+                             f"input, got {list(x.shape)}")
+        ids, weights = self.route(x)
+        if observer is not None:
+            observer.record(self.layer_idx, ids, weights)
+        if self.weights_in_activation_dtype:
+            weights = weights.to(x.dtype)
+        flat_ids = ids.flatten()  # [num_tokens * top_k], token t's choices at t*top_k ...
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // self.top_k  # [num_tokens * top_k] token row of each sorted pair
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        active = torch.nonzero(counts).flatten()
+        active_ids: list[int] = active.tolist()
+        with borrow_experts(experts, self.layer_idx, active_ids) as w:
+            y = self._run_experts(x[token_of], counts[active].tolist(), w)
+        y = (y * weights.flatten()[order, None]).to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of, y)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
+
+    def _run_experts(self, xs: torch.Tensor, counts: list[int], w: ExpertWeights) -> torch.Tensor:
+        """`xs` `[num_pairs, hidden_size]` grouped by expert (runs of `counts`) -> unweighted outputs."""
+        gate_up_shape = (2 * self.intermediate_size, self.hidden_size)
+        down_shape = (self.hidden_size, self.intermediate_size)
+        if len(w.gate_up) != len(counts) or len(w.down) != len(counts):
+            raise ValueError(f"MoE layer {self.layer_idx}: provider returned {len(w.gate_up)} gate_up / "
+                             f"{len(w.down)} down tensors for {len(counts)} experts")
+        out = torch.empty_like(xs)
+        start = 0
+        for expert_id, n, gate_up, down in zip(w.expert_ids, counts, w.gate_up, w.down):
+            if gate_up.shape != gate_up_shape or down.shape != down_shape:
+                raise ValueError(
+                    f"MoE layer {self.layer_idx} expert {expert_id}: gate_up {list(gate_up.shape)} / down "
+                    f"{list(down.shape)}, expected {list(gate_up_shape)} / {list(down_shape)}")
+            h = silu_and_mul(F.linear(xs[start:start + n], gate_up))  # [n, intermediate_size]
+            out[start:start + n] = F.linear(h, down)
+            start += n
+        return out

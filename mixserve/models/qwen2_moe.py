@@ -1,0 +1,314 @@
+"""Qwen2-MoE (Qwen1.5-MoE): Qwen2 attention (q/k/v bias) with routed experts plus a gated shared expert.
+
+Layer `i` is sparse when `i not in mlp_only_layers` and `(i + 1) % decoder_sparse_step == 0`, else a
+dense SwiGLU MLP. Routing: softmax in float32, top-k, renormalise only if `norm_topk_prob`, round the
+weights to the activation dtype; the shared expert is scaled by sigmoid(x @ shared_expert_gate). Expert
+weights live in the model's `ExpertProvider` (all resident by default), not in the blocks. They load
+from per-expert names `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight` (what `save_pretrained`
+and hub checkpoints hold) or from 3-D all-expert tensors
+`mlp.experts.{gate_up_proj,gate_proj,up_proj,down_proj}` `[num_experts, ...]` (HF 5.x in-memory
+layout; a GGUF `*_exps` tensor maps here too).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixserve.experts.provider import ExpertKey, ExpertProj, ExpertProvider, InMemoryExpertProvider
+from mixserve.experts.trace import RoutingObserver
+from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
+from mixserve.layers.linear import Linear
+from mixserve.layers.moe import GatedMLP, MoE
+from mixserve.layers.norm import RMSNorm
+from mixserve.layers.rotary import RotaryEmbedding
+from mixserve.models.base import WeightError
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+def _require(cfg: dict[str, Any], key: str) -> Any:
+    if cfg.get(key) is None:
+        raise ValueError(f"qwen2_moe config is missing required key {key!r}")
+    return cfg[key]
+
+
+@dataclass(frozen=True)
+class Qwen2MoeArgs:
+    """The part of an HF Qwen2-MoE config.json this module reads."""
+
+    vocab_size: int
+    """Rows of the embedding and the LM head."""
+    hidden_size: int
+    """Width of the residual stream."""
+    intermediate_size: int
+    """Width of the dense MLP of non-sparse layers."""
+    moe_intermediate_size: int
+    """Width of each routed expert."""
+    shared_expert_intermediate_size: int
+    """Width of the shared expert of every sparse layer."""
+    num_hidden_layers: int
+    """Decoder blocks."""
+    num_attention_heads: int
+    """Query heads."""
+    num_key_value_heads: int
+    """KV heads (GQA); defaults to `num_attention_heads`."""
+    head_dim: int
+    """Channels per head; defaults to `hidden_size // num_attention_heads`."""
+    num_experts: int
+    """Routed experts per sparse layer."""
+    top_k: int
+    """Experts each token uses (`num_experts_per_tok`)."""
+    norm_topk_prob: bool
+    """Renormalise the top-k weights to sum to 1."""
+    moe_layer_ids: tuple[int, ...]
+    """Layers with a sparse MoE (from `decoder_sparse_step` and `mlp_only_layers`); the rest are dense."""
+    qkv_bias: bool
+    """Bias on the q/k/v projections (o_proj never has one)."""
+    rms_norm_eps: float
+    """Epsilon of every RMSNorm."""
+    rope_theta: float
+    """RoPE base."""
+    rope_scaling: dict[str, Any] | None
+    """RoPE parameters (`rope_type` default/linear/llama3), or None for plain RoPE."""
+    tie_word_embeddings: bool
+    """The LM head shares the embedding matrix."""
+    sliding_windows: tuple[int | None, ...]
+    """Attention window per layer (`layer_types`); None for full attention."""
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"qwen2_moe: num_attention_heads={self.num_attention_heads} is not a multiple "
+                             f"of num_key_value_heads={self.num_key_value_heads}")
+        if self.moe_layer_ids and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"qwen2_moe: num_experts_per_tok={self.top_k} not in [1, {self.num_experts}]")
+        if len(self.sliding_windows) != self.num_hidden_layers:
+            raise ValueError(f"qwen2_moe: layer_types has {len(self.sliding_windows)} entries for "
+                             f"{self.num_hidden_layers} layers")
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any]) -> Qwen2MoeArgs:
+        num_heads = int(_require(cfg, "num_attention_heads"))
+        hidden_size = int(_require(cfg, "hidden_size"))
+        num_layers = int(_require(cfg, "num_hidden_layers"))
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"qwen2_moe: unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
+        num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+        if num_experts is None:
+            raise ValueError("qwen2_moe config is missing required key 'num_experts'")
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        mlp_only = set(cfg.get("mlp_only_layers") or [])
+        moe_layers = tuple(i for i in range(num_layers)
+                           if i not in mlp_only and int(num_experts) > 0 and (i + 1) % step == 0)
+        # HF 5.x writes `layer_types`; older configs imply it (same rule as HF's config __post_init__).
+        use_sw = bool(cfg.get("use_sliding_window", False))
+        layer_types = cfg.get("layer_types") or [
+            "sliding_attention" if use_sw and (i + 1) % 2 and i < int(cfg.get("max_window_layers", 28))
+            else "full_attention" for i in range(num_layers)]
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        return Qwen2MoeArgs(
+            vocab_size=int(_require(cfg, "vocab_size")),
+            hidden_size=hidden_size,
+            intermediate_size=int(_require(cfg, "intermediate_size")),
+            moe_intermediate_size=int(_require(cfg, "moe_intermediate_size")),
+            shared_expert_intermediate_size=int(_require(cfg, "shared_expert_intermediate_size")),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or hidden_size // num_heads),
+            num_experts=int(num_experts),
+            top_k=int(_require(cfg, "num_experts_per_tok")),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            moe_layer_ids=moe_layers,
+            qkv_bias=bool(cfg.get("qkv_bias", True)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=dict(rope) if rope else None,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_windows=tuple(cfg.get("sliding_window") if t == "sliding_attention" else None
+                                  for t in layer_types),
+        )
+
+
+class Qwen2MoeAttention(nn.Module):
+    def __init__(self, args: Qwen2MoeArgs, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = Linear(self.q_size, args.hidden_size)
+        self.rotary = rotary  # shared by every layer; holds no weights
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
+                              sliding_window=args.sliding_windows[layer_idx])
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(q, k, cos_sin)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+
+class Qwen2MoeBlock(nn.Module):
+    def __init__(self, args: Qwen2MoeArgs, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Qwen2MoeAttention(args, layer_idx, rotary)
+        self.mlp: MoE | GatedMLP
+        if layer_idx in args.moe_layer_ids:
+            self.mlp = MoE(layer_idx, args.hidden_size, args.moe_intermediate_size, args.num_experts,
+                           args.top_k, normalize_topk=args.norm_topk_prob, weights_in_activation_dtype=True,
+                           shared_intermediate_size=args.shared_expert_intermediate_size,
+                           shared_expert_gate=True)
+        else:
+            self.mlp = GatedMLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache, meta: AttentionMetadata,
+                experts: ExpertProvider, observer: RoutingObserver | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, experts, observer) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class Qwen2MoeModel(nn.Module):
+    def __init__(self, args: Qwen2MoeArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size), _freeze=True)
+        self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta, scaling=args.rope_scaling)
+        self.layers = nn.ModuleList(Qwen2MoeBlock(args, i, self.rotary)
+                                    for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache], experts: ExpertProvider,
+                observer: RoutingObserver | None) -> torch.Tensor:
+        cos_sin = self.rotary.cos_sin(positions)  # once per step, shared by every layer
+        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos_sin, kv_cache, meta, experts, observer)
+        return self.norm(x)
+
+
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)")
+_PROJ = {"gate_proj": ExpertProj.GATE, "up_proj": ExpertProj.UP, "down_proj": ExpertProj.DOWN,
+         "gate_up_proj": ExpertProj.GATE_UP}
+_HF_NAME = {ExpertProj.GATE: "gate_proj", ExpertProj.UP: "up_proj", ExpertProj.DOWN: "down_proj"}
+
+
+class Qwen2MoeForCausalLM(nn.Module):
+    """Qwen2-MoE over the paged KV cache (the `CausalLM` contract of `models/base.py`).
+
+    `experts` is the `ExpertProvider` every MoE layer borrows weights from (an all-resident
+    `InMemoryExpertProvider`, filled by `load_weights`, until `set_expert_provider`); a
+    `RoutingObserver` set with `set_routing_observer` sees every routing decision.
+    """
+
+    def __init__(self, hf_config: dict[str, Any]) -> None:
+        super().__init__()
+        self.args = args = Qwen2MoeArgs.from_hf(hf_config)
+        self.model = Qwen2MoeModel(args)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        if args.tie_word_embeddings:
+            tied = self.model.embed_tokens.weight
+            assert isinstance(tied, nn.Parameter)
+            self.lm_head.weight = tied
+        self.experts: ExpertProvider = InMemoryExpertProvider(
+            list(args.moe_layer_ids), args.num_experts, args.hidden_size, args.moe_intermediate_size)
+        self.routing_observer: RoutingObserver | None = None
+
+    def set_expert_provider(self, provider: ExpertProvider) -> None:
+        del self.experts  # drops the registered submodule, if the current provider is one
+        self.experts = provider
+
+    def set_routing_observer(self, observer: RoutingObserver | None) -> None:
+        self.routing_observer = observer
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        observer = self.routing_observer
+        if observer is not None:
+            observer.begin_step(positions, meta.query_lens)
+        return self.model(input_ids, positions, meta, kv_caches, self.experts, observer)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [n, vocab_size]
+
+    def kv_cache_shapes(self) -> list[tuple[int, int]]:
+        return [(self.args.num_key_value_heads, self.args.head_dim)] * self.args.num_hidden_layers
+
+    @staticmethod
+    def expert_key(name: str) -> ExpertKey | None:
+        """Where HF tensor `name` goes among the expert weights; None if it is not an expert tensor."""
+        if m := _EXPERT.fullmatch(name):
+            return ExpertKey(int(m[1]), int(m[2]), _PROJ[m[3]])
+        if m := _FUSED.fullmatch(name):
+            return ExpertKey(int(m[1]), None, _PROJ[m[2]])
+        return None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF tensors in: experts into the in-memory provider, q/k/v and gate/up into fused rows."""
+        store = self.experts
+        if not isinstance(store, InMemoryExpertProvider):
+            raise WeightError("load_weights fills the in-memory expert provider; load before "
+                              "set_expert_provider")
+        store.begin_loading()
+        args = self.args
+        q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+        targets = _hf_targets(self.model, "model", q, kv)
+        targets.update(_hf_targets(self.lm_head, "lm_head", q, kv))
+        for name, tensor in weights:
+            key = self.expert_key(name)
+            if key is not None:
+                store.load(key, tensor, name)
+            elif not (name.endswith("rotary_emb.inv_freq")
+                      or (args.tie_word_embeddings and name == "lm_head.weight")):
+                _copy_into(targets, name, tensor)
+        if targets:
+            raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")
+        if missing := store.missing():
+            layer_idx, e, proj = missing[0]
+            raise WeightError(f"checkpoint is missing {len(missing)} expert tensor(s), e.g. "
+                              f"'model.layers.{layer_idx}.mlp.experts.{e}.{_HF_NAME[proj]}.weight'")
+
+
+def _hf_targets(module: nn.Module, prefix: str, q_size: int, kv_size: int) -> dict[str, torch.Tensor]:
+    """HF tensor name -> the view of our parameter it fills (a row range of fused qkv/gate_up)."""
+    targets: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters(prefix=prefix):
+        owner, _, leaf = name.rpartition(".")
+        base, _, proj = owner.rpartition(".")
+        if proj == "qkv_proj":
+            parts = [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)]
+        elif proj == "gate_up_proj":
+            parts = [("gate_proj", param.shape[0] // 2), ("up_proj", param.shape[0] // 2)]
+        else:
+            targets[name] = param.data
+            continue
+        start = 0
+        for hf_proj, rows in parts:
+            targets[f"{base}.{hf_proj}.{leaf}"] = param.data[start:start + rows]
+            start += rows
+    return targets
+
+
+def _copy_into(targets: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
+    dst = targets.pop(name, None)
+    if dst is None:
+        raise WeightError(f"unexpected (or repeated) checkpoint tensor {name!r}")
+    if dst.shape != tensor.shape:
+        raise WeightError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(tensor)
