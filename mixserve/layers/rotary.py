@@ -48,10 +48,16 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = _inv_freq(self.rotary_dim, base, scaling)  # [rotary_dim // 2] float32
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[num_tokens, 1, rotary_dim]` cos and sin for `positions` `[num_tokens]` (float32)."""
+        """`[num_tokens, 1, rotary_dim]` cos and signed sin (`[-sin, sin]` halves), float32.
+
+        With the signed sin, rotate-half becomes one `roll`: rotate_half(x) * sin ==
+        roll(x, half) * signed_sin, so applying RoPE costs four ops per tensor.
+        """
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos(), emb.sin()
+        sin = freqs.sin()
+        emb_cos = freqs.cos().repeat(1, 2)[:, None, :]
+        emb_sin = torch.cat((-sin, sin), dim=-1)[:, None, :]
+        return emb_cos, emb_sin
 
     def forward(self, q: torch.Tensor, k: torch.Tensor,
                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +66,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    half = rotary_dim // 2
+    if rotary_dim == x.shape[-1] and x.dtype == torch.float32:
+        return x * cos + x.roll(half, dims=-1) * sin
     dtype = x.dtype
     rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = (rot * cos + rotated * sin).to(dtype)
+    out = (rot * cos + rot.roll(half, dims=-1) * sin).to(dtype)
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
