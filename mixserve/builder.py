@@ -31,23 +31,39 @@ class BuiltEngine:
     load_seconds: float
 
 
-def build_engine(config: EngineConfig, cache_dir: str | Path | None = None, seed: int = 0) -> BuiltEngine:
-    """Resolve, load and wire everything for `config`; errors name the file or field at fault."""
+@dataclass
+class LoadedModel:
+    """A checkpoint turned into a ready module; several engines may share it."""
+
+    checkpoint: Checkpoint
+    model: torch.nn.Module
+    dtype: torch.dtype
+    weight_format: str
+    load_seconds: float
+
+
+def load_model(config: EngineConfig, cache_dir: str | Path | None = None) -> LoadedModel:
+    """Resolve, read and build the model of `config.model`; errors name the file or field at fault."""
     start = time.perf_counter()
     mc = config.model
     if mc.num_threads is not None:
         torch.set_num_threads(mc.num_threads)
-    path = resolve_model(mc.model, cache_dir=cache_dir)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(resolve_model(mc.model, cache_dir=cache_dir))
     dtype = _DTYPES[mc.dtype]
     model = build_model(checkpoint.hf_config, dtype)
-    model.load_weights(checkpoint.weights())
+    model.load_weights(checkpoint.weights())  # type: ignore[operator]
     model.eval()
     weight_format = mc.weight_format
     if weight_format == "auto":
         weight_format = "int8" if checkpoint.format == "gguf" else "dense"
     if weight_format == "int8":
         enable_int8(model)
+    return LoadedModel(checkpoint, model, dtype, weight_format, time.perf_counter() - start)
+
+
+def wire_engine(loaded: LoadedModel, config: EngineConfig, seed: int = 0) -> BuiltEngine:
+    """KV cache, runner and engine for an already loaded model."""
+    checkpoint, model, dtype = loaded.checkpoint, loaded.model, loaded.dtype
     max_len = _max_model_len(config, checkpoint.hf_config)
     shapes = model.kv_cache_shapes()  # type: ignore[operator]
     cache = config.cache
@@ -57,13 +73,17 @@ def build_engine(config: EngineConfig, cache_dir: str | Path | None = None, seed
         raise ConfigError(f"invalid config kv cache: {num_blocks} blocks of {cache.block_size} tokens "
                           f"cannot hold one sequence of max_model_len={max_len}; raise kv_cache_bytes "
                           f"or lower max_model_len")
-    runner = TorchModelRunner(model, num_blocks, cache.block_size, dtype,
-                              tuple(checkpoint.tokenizer.eos_token_ids), seed=seed)
+    eos = tuple(checkpoint.tokenizer.eos_token_ids)
+    runner = TorchModelRunner(model, num_blocks, cache.block_size, dtype, eos, seed=seed)
     info = ModelInfo(max_model_len=max_len, vocab_size=int(checkpoint.hf_config["vocab_size"]),
-                     eos_token_ids=tuple(checkpoint.tokenizer.eos_token_ids), num_blocks=num_blocks)
+                     eos_token_ids=eos, num_blocks=num_blocks)
     engine = Engine(config, runner, checkpoint.tokenizer, info)
-    return BuiltEngine(engine, checkpoint.tokenizer, checkpoint, model, runner,
-                       time.perf_counter() - start)
+    return BuiltEngine(engine, checkpoint.tokenizer, checkpoint, model, runner, loaded.load_seconds)
+
+
+def build_engine(config: EngineConfig, cache_dir: str | Path | None = None, seed: int = 0) -> BuiltEngine:
+    """Load the model of `config` and wire an engine around it."""
+    return wire_engine(load_model(config, cache_dir), config, seed)
 
 
 def _max_model_len(config: EngineConfig, hf_config: dict) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mixserve.builder import build_engine
+from mixserve.builder import LoadedModel, load_model, wire_engine
 from mixserve.config import CacheConfig, Dtype, EngineConfig, ModelConfig, SchedulerConfig, WeightFormat
 from mixserve.outputs import CompletionOutput, RequestOutput
 from mixserve.sampling_params import SamplingParams
@@ -43,13 +43,30 @@ class LLM:
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                           max_num_seqs=max_num_seqs,
                                           enable_chunked_prefill=enable_chunked_prefill))
-        built = build_engine(config, cache_dir=cache_dir, seed=seed)
+        self._setup(config, load_model(config, cache_dir=cache_dir), seed)
+
+    def _setup(self, config: EngineConfig, loaded: LoadedModel, seed: int) -> None:
+        built = wire_engine(loaded, config, seed=seed)
+        self.loaded = loaded
         self.config = config
         self.engine = built.engine
         self.tokenizer = built.tokenizer
         self.checkpoint = built.checkpoint
         self.model = built.model
         self._ids = itertools.count()
+
+    def with_config(self, *, cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
+                    max_model_len: int | None = None, seed: int = 0) -> LLM:
+        """A new LLM with its own engine and KV cache over the same loaded weights."""
+        model = self.config.model
+        if max_model_len is not None:
+            model = ModelConfig(model=model.model, dtype=model.dtype, weight_format=model.weight_format,
+                                max_model_len=max_model_len, num_threads=model.num_threads)
+        config = EngineConfig(model=model, cache=cache or self.config.cache,
+                              scheduler=scheduler or self.config.scheduler)
+        other = LLM.__new__(LLM)
+        other._setup(config, self.loaded, seed)
+        return other
 
     # -- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

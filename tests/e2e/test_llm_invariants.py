@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from mixserve import LLM, SamplingParams
+from mixserve.config import CacheConfig, SchedulerConfig
 from mixserve.outputs import FinishReason
 
 PROMPTS = [
@@ -21,15 +22,18 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
-def make(path: str, **kw) -> LLM:
-    defaults = dict(num_blocks=256, block_size=16, max_model_len=1024, weight_format="dense")
-    defaults.update(kw)
-    return LLM(path, **defaults)
-
-
 @pytest.fixture(scope="module")
 def llm(smollm2_path: str) -> LLM:
-    return make(smollm2_path)
+    return LLM(smollm2_path, num_blocks=256, block_size=16, max_model_len=1024, weight_format="dense")
+
+
+def variant(llm: LLM, num_blocks: int = 256, block_size: int = 16, prefix: bool = True,
+            budget: int = 512, max_model_len: int = 1024) -> LLM:
+    """Another engine (own KV cache and scheduler settings) over the same loaded weights."""
+    return llm.with_config(cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                                             enable_prefix_caching=prefix),
+                           scheduler=SchedulerConfig(max_num_batched_tokens=budget),
+                           max_model_len=max_model_len)
 
 
 def tokens(outputs) -> list[list[int]]:
@@ -53,14 +57,14 @@ def test_batched_equals_one_at_a_time(llm: LLM, reference) -> None:
     assert_pool_full(llm)
 
 
-def test_chunked_prefill_same_output(smollm2_path: str, reference) -> None:
-    small = make(smollm2_path, max_num_batched_tokens=5, enable_prefix_caching=False)
+def test_chunked_prefill_same_output(llm: LLM, reference) -> None:
+    small = variant(llm, budget=5, prefix=False)
     assert tokens(small.generate(PROMPTS, GREEDY)) == reference
     assert_pool_full(small)
 
 
-def test_preemption_same_output(smollm2_path: str, reference) -> None:
-    tight = make(smollm2_path, num_blocks=4, block_size=8, max_model_len=32)
+def test_preemption_same_output(llm: LLM, reference) -> None:
+    tight = variant(llm, num_blocks=4, block_size=8, max_model_len=32)
     assert tokens(tight.generate(PROMPTS, GREEDY)) == reference
     assert tight.engine.scheduler.num_preemptions > 0
     assert_pool_full(tight)
@@ -69,7 +73,7 @@ def test_preemption_same_output(smollm2_path: str, reference) -> None:
 def test_prefix_cache_hits_same_output(llm: LLM) -> None:
     system = "You are a helpful assistant. Answer briefly and precisely. " * 3
     prompts = [system + q for q in ("What is 2+2?", "Name a colour.", "Say hello.")]
-    cold = make(llm.checkpoint.path.as_posix(), enable_prefix_caching=False)
+    cold = variant(llm, prefix=False)
     want = tokens(cold.generate(prompts, GREEDY))
     llm.generate(prompts[0], GREEDY)
     outs = llm.generate(prompts, GREEDY)
@@ -160,7 +164,7 @@ def test_chat_uses_template(llm: LLM) -> None:
 
 
 def test_int8_weights_follow_dense_greedy(smollm2_path: str, reference) -> None:
-    q = make(smollm2_path, weight_format="int8")
+    q = LLM(smollm2_path, num_blocks=64, max_model_len=1024, weight_format="int8")
     got = tokens(q.generate(PROMPTS, GREEDY))
     agree = sum(a[:4] == b[:4] for a, b in zip(got, reference))
     assert agree >= 3  # int8 rounding may flip a late near-tie, not the start of most outputs
