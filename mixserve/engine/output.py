@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from mixserve.engine.detokenizer import Decoder, IncrementalDetokenizer, find_stop
 from mixserve.engine.request import Request
+from mixserve.engine.stop import find_stop
+from mixserve.loading.detokenizer import IncrementalDetokenizer
 from mixserve.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
 from mixserve.sampling_params import SamplingParams
 
@@ -32,7 +34,7 @@ class GroupState:
     """
 
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
-                 params: SamplingParams, tokenizer: Decoder, eos_token_ids: tuple[int, ...]) -> None:
+                 params: SamplingParams, tokenizer: Any, eos_token_ids: tuple[int, ...]) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
@@ -79,7 +81,7 @@ class GroupState:
         if allowed_to_stop and token in params.stop_token_ids:
             self._stop(state, FinishReason.STOP, token)
             return
-        delta = state.detok.add(token)
+        delta = state.detok.push(token)
         state.text += delta
         if params.stop and delta and allowed_to_stop:
             hit = find_stop(state.text, len(delta), params.stop)

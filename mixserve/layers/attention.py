@@ -72,6 +72,9 @@ class AttentionMetadata:
         if self.self_contained and sliding_window is None:
             self._masks[sliding_window] = None  # plain causal, SDPA's is_causal does it
             return None
+        if sliding_window is None and self.max_query_len == 1 and min(self.seq_lens) == self.max_seq_len:
+            self._masks[sliding_window] = None  # decodes of equal length see every gathered key
+            return None
         q_lens = torch.tensor(self.query_lens)
         s_lens = torch.tensor(self.seq_lens)
         t = torch.arange(self.max_query_len)
@@ -143,7 +146,7 @@ class Attention(nn.Module):
             q_pad[meta.q_index] = q
             q_pad = q_pad.view(num_seqs, max_q, self.num_heads, self.head_dim)
         out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), keys, values, attn_mask=mask,
-                                             scale=self.scale, enable_gqa=gqa)
+                                             is_causal=False, scale=self.scale, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(num_seqs * max_q, self.num_heads * self.head_dim)
         if meta.q_index is not None:
             out = out[meta.q_index]

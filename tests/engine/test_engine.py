@@ -289,3 +289,12 @@ def test_random_workloads_keep_kv_consistent(seed: int, num_blocks: int, budget:
         for tokens in out[rid].values():
             assert tokens == want
     assert_pool_full(engine)
+
+
+def test_control_plane_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, mixserve, mixserve.engine.engine, mixserve.engine.scheduler; "
+            "assert 'torch' not in sys.modules, 'control plane pulled in torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
