@@ -26,6 +26,7 @@ from mixserve.layers.moe import MoE
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
 from mixserve.models.base import WeightError
+from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -232,8 +233,8 @@ class MixtralForCausalLM(nn.Module):
         store.begin_loading()
         args = self.args
         q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-        targets = _hf_targets(self.model, "model", q, kv)
-        targets.update(_hf_targets(self.lm_head, "lm_head", q, kv))
+        targets = fused_targets(self.model, _splits(q, kv), "model")
+        targets.update(fused_targets(self.lm_head, _splits(q, kv), "lm_head"))
         for name, tensor in weights:
             key = self.expert_key(name)
             if key is not None:
@@ -241,7 +242,7 @@ class MixtralForCausalLM(nn.Module):
             elif not (name.endswith("rotary_emb.inv_freq")
                       or (args.tie_word_embeddings and name == "lm_head.weight")):
                 # HF 5.x in-memory names call the MoE block `mlp`; checkpoints say `block_sparse_moe`.
-                _copy_into(targets, name.replace(".mlp.gate.", ".block_sparse_moe.gate."), tensor)
+                copy_into(targets, name.replace(".mlp.gate.", ".block_sparse_moe.gate."), tensor)
         if targets:
             raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")
         if missing := store.missing():
@@ -250,30 +251,6 @@ class MixtralForCausalLM(nn.Module):
                               f"'model.layers.{layer_idx}.block_sparse_moe.experts.{e}.{_HF_NAME[proj]}.weight'")
 
 
-def _hf_targets(module: nn.Module, prefix: str, q_size: int, kv_size: int) -> dict[str, torch.Tensor]:
-    """HF tensor name -> the view of our parameter it fills (a row range of fused qkv/gate_up)."""
-    targets: dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters(prefix=prefix):
-        owner, _, leaf = name.rpartition(".")
-        base, _, proj = owner.rpartition(".")
-        if proj == "qkv_proj":
-            parts = [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)]
-        elif proj == "gate_up_proj":
-            parts = [("gate_proj", param.shape[0] // 2), ("up_proj", param.shape[0] // 2)]
-        else:
-            targets[name] = param.data
-            continue
-        start = 0
-        for hf_proj, rows in parts:
-            targets[f"{base}.{hf_proj}.{leaf}"] = param.data[start:start + rows]
-            start += rows
-    return targets
-
-
-def _copy_into(targets: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
-    dst = targets.pop(name, None)
-    if dst is None:
-        raise WeightError(f"unexpected (or repeated) checkpoint tensor {name!r}")
-    if dst.shape != tensor.shape:
-        raise WeightError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-    dst.copy_(tensor)
+def _splits(q_size: int, kv_size: int) -> Splits:
+    return {"qkv_proj": [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)],
+            "gate_up_proj": [("gate_proj", None), ("up_proj", None)]}

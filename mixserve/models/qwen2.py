@@ -19,6 +19,7 @@ from mixserve.layers.linear import Linear
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
 from mixserve.models.base import WeightError
+from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -194,38 +195,13 @@ class Qwen2ForCausalLM(nn.Module):
         """Copy HF tensors in; q/k/v and gate/up land in row ranges of the fused projections."""
         q, kv, inter = self.args.num_attention_heads * self.args.head_dim, \
             self.args.num_key_value_heads * self.args.head_dim, self.args.intermediate_size
-        fused = {"qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
+        fused: Splits = {"qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
                  "gate_up_proj": [("gate_proj", inter), ("up_proj", inter)]}
-        targets = _hf_targets(self, fused)
+        targets = fused_targets(self, fused)
         tied = self.args.tie_word_embeddings  # HF drops (or ignores) lm_head.weight when tied
         for name, tensor in weights:
             if name.endswith("inv_freq") or (tied and name == "lm_head.weight"):
                 continue
-            _copy_into(targets, name, tensor)
+            copy_into(targets, name, tensor)
         if targets:
             raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")
-
-
-def _hf_targets(module: nn.Module, fused: dict[str, list[tuple[str, int]]]) -> dict[str, torch.Tensor]:
-    """HF tensor name -> the view of our parameter it fills (a row range for fused projections)."""
-    targets: dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters():  # a tied lm_head is deduplicated away
-        owner, _, leaf = name.rpartition(".")
-        prefix, _, proj = owner.rpartition(".")
-        if proj not in fused:
-            targets[name] = param.data
-            continue
-        start = 0
-        for hf_proj, rows in fused[proj]:
-            targets[f"{prefix}.{hf_proj}.{leaf}"] = param.data[start:start + rows]
-            start += rows
-    return targets
-
-
-def _copy_into(targets: dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
-    dst = targets.pop(name, None)
-    if dst is None:
-        raise WeightError(f"unexpected (or repeated) checkpoint tensor {name!r}")
-    if dst.shape != tensor.shape:
-        raise WeightError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-    dst.copy_(tensor)
