@@ -46,3 +46,13 @@ def test_generate_n_samples_with_chat(smollm2_path: str) -> None:
               "--max-tokens", "8")
     assert out.returncode == 0, out.stderr
     assert "--- sample 0" in out.stdout and "--- sample 1" in out.stdout
+
+
+@pytest.mark.slow
+def test_chat_session_over_stdin(smollm2_path: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "mixserve", "chat", "--model", smollm2_path, "--temperature", "0",
+                          "--max-tokens", "12"], input="What is the capital of France?\n/reset\nHi\n/exit\n",
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("assistant> ") == 2
+    assert "Paris" in out.stdout
