@@ -7,6 +7,9 @@ fp32 matmul wins. `int8_max_tokens` is the crossover measured on a 2-core AVX-51
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,11 +54,46 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def enable_int8(module: nn.Module) -> int:
-    """Give every `Linear` under `module` an int8 copy; returns how many were converted."""
+def enable_int8(module: nn.Module, measure: bool = True) -> int:
+    """Give `Linear`s under `module` an int8 copy where it is faster; returns how many were converted.
+
+    The int8 kernel's speed depends on the shape and the CPU (on some shapes it is 20x slower than
+    fp32 on one machine we measured), so with `measure` each distinct shape is timed once for a
+    single row, int8 against dense, and only shapes where int8 wins get a copy.
+    """
+    decisions: dict[tuple[int, int], bool] = {}
     count = 0
     for sub in module.modules():
-        if isinstance(sub, Linear):
+        if not isinstance(sub, Linear):
+            continue
+        shape = (sub.in_features, sub.out_features)
+        if shape not in decisions:
             sub.enable_int8()
+            decisions[shape] = not measure or _int8_is_faster(sub)
+        if decisions[shape]:
+            if sub.qweight is None:
+                sub.enable_int8()
             count += 1
+        else:
+            sub.qweight = sub.qscales = None
     return count
+
+
+def _int8_is_faster(layer: Linear) -> bool:
+    """Time one-row calls of the int8 kernel and of the dense matmul (best of a few)."""
+    x = torch.randn(1, layer.in_features, dtype=layer.weight.dtype)
+    assert layer.qweight is not None and layer.qscales is not None
+    qweight, qscales = layer.qweight, layer.qscales
+    int8 = lambda: torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, qscales)
+    dense = lambda: F.linear(x, layer.weight)
+    return _best_time(int8) < 0.9 * _best_time(dense)
+
+
+def _best_time(fn: Callable[[], torch.Tensor], repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
