@@ -378,6 +378,8 @@ def _print_rich(report: dict[str, Any], header: list[str], body: list[list[str]]
     from rich.console import Console
     from rich.table import Table
 
+    # Not a terminal (a log file): rich would wrap at 80 columns; give the tables room instead.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     a = report["args"]
     t = Table(title=f"medians of {a['repeats']} runs, {a['max_tokens']} tokens, {a['threads']} threads "
                     "(* = fewer runs than asked, skip = predicted over --max-run-s)")
@@ -385,7 +387,7 @@ def _print_rich(report: dict[str, Any], header: list[str], body: list[list[str]]
         t.add_column(h, justify="left" if h in ("model", "engine") else "right")
     for r in body:
         t.add_row(*r)
-    Console().print(t)
+    console.print(t)
     if not rat:
         return
     t2 = Table(title="mixserve speedup over peer (tok/s: mixserve/peer; TTFT: peer/mixserve; > 1 = mixserve better)")
@@ -396,7 +398,7 @@ def _print_rich(report: dict[str, Any], header: list[str], body: list[list[str]]
     for model, peers in rat.items():
         for peer, r in peers.items():
             t2.add_row(model, peer, *[("-" if r.get(k) is None else f"{r[k]:.2f}") for k in keys])
-    Console().print(t2)
+    console.print(t2)
 
 
 def plot(report: dict[str, Any], n_list: list[int], path: Path) -> bool:

@@ -101,10 +101,15 @@ class Batched:
         if not ctx:
             raise RuntimeError("llama_init_from_model failed")
         batch = lib.llama_batch_init(params.n_batch, 0, n)
+        # The chain Llama.generate builds for these settings (less its no-op penalties): top_k(0) looks
+        # redundant but bucket-sorts the candidates, without it dist's softmax std::sorts the whole vocab
+        # on every sample (slow at gemma's 262k vocab).
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(self.args.temperature))
         self.seed += 1
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(self.seed))
+        for smpl in (lib.llama_sampler_init_top_k(0), lib.llama_sampler_init_typical(1.0, 1),
+                     lib.llama_sampler_init_top_p(1.0, 1), lib.llama_sampler_init_min_p(0.0, 1),
+                     lib.llama_sampler_init_temp(self.args.temperature), lib.llama_sampler_init_dist(self.seed)):
+            lib.llama_sampler_chain_add(chain, smpl)
         try:
             start = time.perf_counter()
             num = self._generate(ctx, batch, chain, n, max_tokens)
