@@ -80,14 +80,14 @@ class TorchModelRunner:
         if num_decode:
             groups.append(build_group(seqs[:num_decode], bs))
         groups.extend(build_group([s], bs) for s in seqs[num_decode:])
-        meta = AttentionMetadata(
-            query_lens=[s.num_tokens for s in seqs],
-            seq_lens=[s.start_pos + s.num_tokens for s in seqs],
-            slot_mapping=torch.tensor(slots, dtype=torch.long), kv_slots=None, q_index=None,
-            groups=groups if len(groups) > 1 else None)
+        slot_mapping = torch.tensor(slots, dtype=torch.long)
         if len(groups) == 1:
             meta = groups[0]
-            meta.slot_mapping = torch.tensor(slots, dtype=torch.long)
+            meta.slot_mapping = slot_mapping
+        else:
+            meta = AttentionMetadata(query_lens=[s.num_tokens for s in seqs],
+                                     seq_lens=[s.start_pos + s.num_tokens for s in seqs],
+                                     slot_mapping=slot_mapping, kv_slots=None, q_index=None, groups=groups)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
 
     def _sample(self, seqs: list[ScheduledSeq], hidden: torch.Tensor) -> RunnerOutput:
