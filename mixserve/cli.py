@@ -133,6 +133,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from mixserve.server.launch import ServeOptions, serve
+
+    config = engine_config(args)
+    config = replace(config, scheduler=replace(config.scheduler, max_num_waiting=args.max_num_waiting))
+    options = ServeOptions(host=args.host, port=args.port, served_model_name=args.served_model_name,
+                           shutdown_timeout_s=args.shutdown_timeout, reject_unknown_fields=args.reject_unknown_fields,
+                           cache_dir=args.cache_dir, log_level=args.log_level)
+    return serve(config, options)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from mixserve.hub import list_models
 
@@ -164,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="name clients send as `model` (default: --model)")
+    srv.add_argument("--max-num-waiting", type=int, default=256,
+                     help="queued requests before new ones get 429 (default: %(default)s)")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests may run after SIGTERM (default: %(default)s)")
+    srv.add_argument("--reject-unknown-fields", action="store_true",
+                     help="answer 400 to unknown request fields instead of ignoring them")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_model_args(srv)
+    srv.set_defaults(func=cmd_serve)
     models = sub.add_parser("models", help="list known models")
     models.add_argument("--cache-dir", default=None)
     models.set_defaults(func=cmd_models)

@@ -1,0 +1,164 @@
+"""The FastAPI app: OpenAI routes, /health, /metrics, /tokenize, /detokenize over one `ServerState`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from mixserve.server.chat import create_chat_completion
+from mixserve.server.completions import create_completion
+from mixserve.server.errors import ApiError, as_api_error, error_response, install_error_handlers
+from mixserve.server.params import chat_prompt
+from mixserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _Body,
+)
+from mixserve.server.serving import ServerState
+
+log = logging.getLogger("mixserve.server")
+B = TypeVar("B", bound=_Body)
+
+
+async def parse_body(request: Request, model: type[B], state: ServerState) -> B:
+    """JSON body -> `model`; errors name the field and the value; unknown fields are ignored or rejected."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    if body.unknown_fields:
+        if state.reject_unknown_fields:
+            name = body.unknown_fields[0]
+            raise ApiError(400, f"unknown field {name} (this server rejects unknown fields)", param=name)
+        log.info("ignoring unknown fields %s", body.unknown_fields)
+    return body
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    first = exc.errors()[0]
+    parts = [str(p) for p in first["loc"]]
+    # drop pydantic's union-branch markers (`str`, `list[int]`, ...) from the field path
+    parts = [p for p in parts if not (p in ("str", "int", "float", "bool") or "[" in p)]
+    name = ".".join(parts) or "body"
+    if first["type"] == "missing":
+        return ApiError(400, f"missing required field {name}", param=name)
+    shown = json.dumps(first.get("input"), default=str)[:80]
+    return ApiError(400, f"invalid field {name}: {first['msg']} (got {shown})", param=name)
+
+
+def _check_model(state: ServerState, body: Any) -> None:
+    name = getattr(body, "model", None)
+    if name is not None and name not in (state.model_name, state.model_path):
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
+    """The app; `lifespan` (an async context manager factory) loads and stops the engine."""
+    app = FastAPI(title="mixserve", version="0.1.0", lifespan=lifespan)
+    app.state.mixserve = state
+    install_error_handlers(app)
+
+    async def guarded(run: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await run()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+            err = as_api_error(exc)
+            if state.metrics is not None:
+                state.metrics.error(err.status)
+            if err.status >= 500 and err.status != 503:
+                log.exception("request failed")
+            return error_response(err)
+
+    async def openai_route(request: Request, model: type[B],
+                           handler: Callable[[ServerState, B, Request], Awaitable[Any]]) -> Any:
+        async def run() -> Any:
+            body = await parse_body(request, model, state)
+            _check_model(state, body)
+            response = await handler(state, body, request)
+            if body.unknown_fields and isinstance(response, Response):
+                response.headers["x-mixserve-ignored-fields"] = ",".join(body.unknown_fields)
+            return response
+        return await guarded(run)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await openai_route(request, CompletionRequest, create_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        return await openai_route(request, ChatCompletionRequest, create_chat_completion)
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        max_len = state.limits.max_model_len if state.limits else None
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "mixserve",
+            "root": state.model_path or state.model_name, "parent": None, "max_model_len": max_len,
+            "status": "ready" if state.engine is not None else "loading"}]}
+
+    @app.get("/health")
+    async def health() -> Any:
+        async def run() -> Any:
+            state.ready()
+            return {"status": "ok"}
+        return await guarded(run)
+
+    @app.get("/version")
+    async def version() -> Any:
+        return {"version": app.version}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.metrics is None:
+            return Response(b"", media_type="text/plain")
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Any:
+        async def run() -> Any:
+            body = await parse_body(request, TokenizeRequest, state)
+            _check_model(state, body)
+            state.ready()
+            if (body.prompt is None) == (body.messages is None):
+                raise ApiError(400, "exactly one of prompt and messages is required", param="prompt")
+            if body.messages is not None:
+                chat = ChatCompletionRequest(messages=body.messages,
+                                             add_generation_prompt=body.add_generation_prompt)
+                ids = chat_prompt(chat, state.tokenizer).token_ids
+            else:
+                ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            assert state.limits is not None
+            return {"tokens": ids, "count": len(ids), "max_model_len": state.limits.max_model_len}
+        return await guarded(run)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Any:
+        async def run() -> Any:
+            body = await parse_body(request, DetokenizeRequest, state)
+            _check_model(state, body)
+            state.ready()
+            assert state.limits is not None
+            bad = [t for t in body.tokens if not 0 <= t < state.limits.vocab_size]
+            if bad:
+                raise ApiError(400, f"invalid field tokens: token id {bad[0]} is outside the vocabulary "
+                               f"[0, {state.limits.vocab_size})", param="tokens")
+            return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return await guarded(run)
+
+    return app

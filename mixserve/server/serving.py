@@ -1,0 +1,183 @@
+"""Running one HTTP request on the engine: add its prompts, gather deltas, stream or collect, abort on exit.
+
+Invariant: every engine request an HTTP request adds is either finished or aborted when the handler
+returns, whatever happens (client disconnect, error, cancellation at shutdown), so its KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from mixserve.engine.async_engine import AsyncEngine
+from mixserve.outputs import RequestOutput
+from mixserve.sampling_params import SamplingParams
+from mixserve.server.errors import ApiError, as_api_error, error_frame
+from mixserve.server.formats import Choice, Usage
+from mixserve.server.metrics import ServerMetrics
+from mixserve.server.params import Limits, Prompt
+
+
+@dataclass
+class ServerState:
+    """What the routes need; `engine` is None while the model loads."""
+
+    model_name: str
+    metrics: ServerMetrics | None = None
+    engine: AsyncEngine | None = None
+    tokenizer: Any = None
+    limits: Limits | None = None
+    model_path: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    load_error: str | None = None
+    reject_unknown_fields: bool = False
+    scaling: Any = None
+    """Optional hook `(state, body, prompt, params) -> awaitable response dict` for strategy requests."""
+
+    def ready(self) -> AsyncEngine:
+        if self.load_error is not None:
+            raise ApiError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+        if self.engine is None:
+            raise ApiError(503, "the model is still loading", code="loading")
+        if not self.engine.healthy:
+            raise ApiError(503, self.engine.error or "the engine is not running", code="engine_unavailable")
+        return self.engine
+
+    token_texts: dict[int, str] = field(default_factory=dict)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token as logprobs show it (special tokens included)."""
+        text = self.token_texts.get(token_id)
+        if text is None:
+            text = self.token_texts[token_id] = str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+        return text
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Run:
+    """The engine requests of one HTTP request (one per prompt) and their accumulated choices."""
+
+    def __init__(self, state: ServerState, request_id: str, prompts: list[Prompt], params: SamplingParams) -> None:
+        self.state = state
+        self.engine = state.ready()
+        self.request_id = request_id
+        self.prompts = prompts
+        self.params = params
+        self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self.choices: dict[int, Choice] = {}
+        self.cached: dict[str, int] = {}
+        self.prompt_logprobs: dict[int, list[Any]] = {}
+        self.finished: set[str] = set()
+        assert state.metrics is not None
+        self.metrics = state.metrics
+        self.timing = self.metrics.start()
+
+    def choice(self, prompt_index: int, sample_index: int) -> Choice:
+        index = prompt_index * self.params.n + sample_index
+        return self.choices.setdefault(index, Choice(index))
+
+    async def deltas(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        """Add every prompt, then yield (prompt index, delta) until all finish; abort leftovers on exit."""
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        added: list[str] = []
+        try:
+            for rid, prompt in zip(self.ids, self.prompts):
+                await self.engine.add(rid, prompt.token_ids, self.params, prompt.text, queue=queue)
+                added.append(rid)
+            while len(self.finished) < len(added):
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                index = self.ids.index(item.request_id)
+                self._fold(index, item)
+                yield index, item
+        finally:
+            for rid in added:
+                if rid not in self.finished:
+                    self.engine.abort(rid)
+
+    def _fold(self, index: int, delta: RequestOutput) -> None:
+        self.metrics.observe(self.timing, delta)
+        for part in delta.outputs:
+            self.choice(index, part.index).add(part)
+        self.cached[delta.request_id] = max(self.cached.get(delta.request_id, 0), delta.num_cached_tokens)
+        if delta.prompt_logprobs:
+            self.prompt_logprobs[index] = delta.prompt_logprobs
+        if delta.finished:
+            self.finished.add(delta.request_id)
+            if len(self.finished) == len(self.ids):
+                reasons = [c.finish_reason or "abort" for c in self.choices.values()]
+                self.metrics.finish(self.timing, [len(p.token_ids) for p in self.prompts], reasons)
+
+    def usage(self, drop_generated: bool = False) -> Usage:
+        """Prompt tokens count once per prompt, however many samples fork from it."""
+        generated = 0 if drop_generated else sum(len(c.token_ids) for c in self.choices.values())
+        return Usage(prompt_tokens=sum(len(p.token_ids) for p in self.prompts), completion_tokens=generated,
+                     cached_tokens=sum(self.cached.values()))
+
+    def failed(self) -> str | None:
+        """The error message when every choice failed (the request itself is bad or the engine broke)."""
+        errors = [c.error for c in self.choices.values() if c.error]
+        return errors[0] if errors and len(errors) == len(self.choices) else None
+
+
+async def collect(run: Run, request: Request) -> None:
+    """Drive `run` to completion; abort it if the client disconnects first."""
+
+    async def drain() -> None:
+        async with contextlib.aclosing(run.deltas()) as deltas:
+            async for _ in deltas:
+                pass
+
+    task = asyncio.ensure_future(drain())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                raise ApiError(499, "client disconnected")
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def stream_frames(run: Run, frames: Callable[[int, RequestOutput], list[dict[str, Any]]],
+                        first: Callable[[], list[dict[str, Any]]],
+                        last: Callable[[], Awaitable[list[dict[str, Any]]]]) -> AsyncIterator[str]:
+    """SSE body: `first()` frames, then `frames(prompt_index, delta)` per delta, `last()`, then [DONE].
+
+    An error after the stream started is sent as an error frame (the status was already 200).
+    """
+    try:
+        for payload in first():
+            yield sse(payload)
+        async with contextlib.aclosing(run.deltas()) as deltas:
+            async for index, delta in deltas:
+                for payload in frames(index, delta):
+                    yield sse(payload)
+        for payload in await last():
+            yield sse(payload)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported in-band
+        run.metrics.error(as_api_error(exc).status)
+        yield error_frame(as_api_error(exc))
+    yield "data: [DONE]\n\n"
