@@ -3,6 +3,15 @@
 Pure Python: the runner (torch) sits behind the `ModelRunner` protocol. Every public method leaves
 the engine consistent; a failing request is finished with `FinishReason.ERROR` and its blocks are
 freed, the other requests in the batch carry on.
+
+Branching (for inference-time scaling): a request added with `pause_on_finish=True` is *paused*
+instead of freed when a sample stops normally (stop string, stop token, EOS or max_tokens). Its
+final delta still says `finished=True`, but its tokens and KV blocks stay until `release_request`.
+`fork_request` starts a new request from a live (running) or paused sample: the child shares every
+KV block of the parent (copy-on-write of the partial block) and computes only the tokens without KV
+(the parent's last sampled token plus any appended tokens), so no prefix is ever recomputed. To
+continue a paused sample, fork it and release it. Invariant: paused blocks are pinned (never
+preempted); whoever pauses a request must fork or release it.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from mixserve.engine.request import Request, RequestStatus
 from mixserve.engine.scheduler import Scheduler, SchedulerOutput
 from mixserve.outputs import FinishReason, RequestOutput, TokenLogprobs
 from mixserve.sampling_params import SamplingParams
+
+_PAUSABLE = (FinishReason.STOP, FinishReason.LENGTH)
 
 
 class RequestError(ValueError):
@@ -69,20 +80,24 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, config.cache, info.num_blocks)
         self.groups: dict[str, GroupState] = {}
         self.requests: dict[str, Request] = {}
+        self.paused: dict[str, dict[int, Request]] = {}
+        """Paused samples: request id -> sample index -> request (holding its KV blocks)."""
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_prompt_tokens": 0,
                          "steps": 0, "errors": 0}
 
     # -- admission -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
-        """Queue a prompt; raises RequestError (bad input) or QueueFullError, queuing nothing."""
+                    prompt: str | None = None, pause_on_finish: bool = False) -> None:
+        """Queue a prompt; raises RequestError (bad input) or QueueFullError, queuing nothing.
+
+        `pause_on_finish`: samples that stop normally are paused, not freed (see the module doc)."""
         ids = self._validate(request_id, prompt_token_ids, params)
         limit = self.config.scheduler.max_num_waiting
         if limit is not None and len(self.scheduler.waiting) >= limit:
             raise QueueFullError(f"waiting queue is full ({limit} requests)")
         request = Request(request_id=request_id if params.n == 1 else f"{request_id}#0",
                           group_id=request_id, sample_index=0, prompt_token_ids=ids, params=params,
-                          max_model_len=self.info.max_model_len)
+                          max_model_len=self.info.max_model_len, pause_on_finish=pause_on_finish)
         group = GroupState(request_id, prompt, ids, params, self.tokenizer, self.info.eos_token_ids)
         self.groups[request_id] = group
         self.counters["prompt_tokens"] += len(ids)
@@ -96,7 +111,7 @@ class Engine:
 
     def _validate(self, request_id: str, prompt_token_ids: Sequence[int],
                   params: SamplingParams) -> list[int]:
-        if request_id in self.groups:
+        if request_id in self.groups or request_id in self.paused:
             raise RequestError(f"request_id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -159,6 +174,7 @@ class Engine:
             group = self.groups.get(request.group_id)
             if group is None or request.finished:
                 continue
+            group.on_computed(seq.start_pos, seq.num_tokens, request.num_prompt_tokens)
             rid = request.request_id
             if rid in result.errors:
                 self.counters["errors"] += 1
@@ -173,7 +189,9 @@ class Engine:
                 request.token_ids.append(token)
                 self.counters["generation_tokens"] += 1
                 group.on_token(request, token, result.logprobs.get(rid), now)
-                if request.finished or request.finish_reason is not None:
+                if request.pause_on_finish and request.finish_reason in _PAUSABLE:
+                    self._pause(request)
+                elif request.finished or request.finish_reason is not None:
                     self._finish(request)
                 changed.add(group.request_id)
         return changed
@@ -213,14 +231,94 @@ class Engine:
                 del self.groups[group_id]
         return outputs
 
+    # -- branching ------------------------------------------------------------------------------
+    def fork_request(self, parent_id: str, child_id: str, params: SamplingParams, *,
+                     sample_index: int = 0, append_token_ids: Sequence[int] = (),
+                     pause_on_finish: bool = False, prompt: str | None = None) -> None:
+        """Start request `child_id` from the current tokens of a running or paused sample of
+        `parent_id`, plus `append_token_ids`, sharing its KV (see the module doc).
+
+        The child's prompt is that whole context: its outputs and `max_tokens` count from the fork,
+        and its `num_cached_tokens` is the number of tokens whose KV it reused. Raises RequestError.
+        """
+        parent = self._live_sample(parent_id, sample_index)
+        if child_id in self.groups or child_id in self.paused:
+            raise RequestError(f"request_id {child_id!r} is already in use")
+        if not isinstance(params, SamplingParams) or params.n != 1 or params.prompt_logprobs is not None:
+            raise RequestError(f"fork params must be SamplingParams with n=1 and no prompt_logprobs, "
+                               f"got {params!r}")
+        extra = list(append_token_ids)
+        bad = [t for t in extra if not isinstance(t, int) or not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise RequestError(f"append_token_ids: token id {bad[0]!r} is outside the vocabulary")
+        if parent.num_tokens + len(extra) >= self.info.max_model_len:
+            raise RequestError(f"fork of {parent_id!r} has {parent.num_tokens + len(extra)} tokens; "
+                               f"the context length is {self.info.max_model_len}")
+        child = parent.branch(child_id, params, extra, pause_on_finish)
+        group = GroupState(child_id, prompt, child.prompt_token_ids, params, self.tokenizer,
+                           self.info.eos_token_ids)
+        self.groups[child_id] = group
+        group.add_sample(child)
+        self._track(child)
+        self.counters["prompt_tokens"] += child.num_prompt_tokens
+        if child.status is RequestStatus.RUNNING:
+            self.scheduler.kv.fork(parent, child)
+            self.scheduler.running.append(child)
+        else:
+            self.scheduler.add(child)
+
+    def _live_sample(self, request_id: str, sample_index: int) -> Request:
+        paused = self.paused.get(request_id, {}).get(sample_index)
+        if paused is not None:
+            return paused
+        group = self.groups.get(request_id)
+        for request in group.samples if group is not None else []:
+            if request.sample_index == sample_index and request.finish_reason is None:
+                if request.fork_at is not None:
+                    raise RequestError(f"request {request_id!r} is still prefilling; fork it later")
+                return request
+        raise RequestError(f"request {request_id!r} sample {sample_index} is not live "
+                           f"(unknown, finished, aborted or released)")
+
+    def _pause(self, request: Request) -> None:
+        if request in self.scheduler.running:
+            self.scheduler.running.remove(request)
+        request.status = RequestStatus.PAUSED
+        self.paused.setdefault(request.group_id, {})[request.sample_index] = request
+        self.requests.pop(request.request_id, None)
+
+    def release_request(self, request_id: str, sample_index: int | None = None) -> int:
+        """Free paused samples of `request_id` (all, or one); returns how many were released."""
+        samples = self.paused.get(request_id, {})
+        chosen = list(samples.values()) if sample_index is None else \
+            [samples[sample_index]] if sample_index in samples else []
+        for request in chosen:
+            self._release(request)
+        return len(chosen)
+
+    def _release(self, request: Request) -> None:
+        samples = self.paused.get(request.group_id, {})
+        samples.pop(request.sample_index, None)
+        if not samples:
+            self.paused.pop(request.group_id, None)
+        self.scheduler.finish(request)
+
+    @property
+    def num_paused(self) -> int:
+        return sum(len(s) for s in self.paused.values())
+
     # -- cancellation ---------------------------------------------------------------------------
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Abort every sample of `request_id`; returns its final delta (None if unknown/finished)."""
+        """Abort every sample of `request_id` (releasing paused ones); returns its final delta
+        (None if unknown or already finished)."""
         group = self.groups.get(request_id)
         if group is None:
+            self.release_request(request_id)
             return None
         for request in group.samples:
-            if not request.finished:
+            if request.status is RequestStatus.PAUSED:
+                self._release(request)
+            elif not request.finished:
                 group.abort(request)
                 self._finish(request)
         output = group.delta()
@@ -239,5 +337,6 @@ class Engine:
             "prefix_cache_queries": float(pool.num_queries),
             "prefix_cache_hits": float(pool.num_hits),
             "num_preemptions": float(self.scheduler.num_preemptions),
+            "num_paused": float(self.num_paused),
             **{k: float(v) for k, v in self.counters.items()},
         }

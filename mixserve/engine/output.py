@@ -31,6 +31,10 @@ class GroupState:
 
     Text is held back by `len(longest stop string) - 1` characters while a sample runs, so a stop
     string is never streamed in part; a matched stop string is cut from the text.
+
+    `metrics` also carries two cumulative counts over all samples (compute accounting):
+    `num_computed_tokens` (tokens the runner computed, recomputation after preemption included) and
+    `num_computed_prompt_tokens` (those at prompt positions, i.e. prefill work that was not reused).
     """
 
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
@@ -58,6 +62,13 @@ class GroupState:
         self.samples.append(request)
         detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, self.params.skip_special_tokens)
         self.states[request.sample_index] = SampleState(request, detok)
+
+    def on_computed(self, start_pos: int, num_tokens: int, num_prompt_tokens: int) -> None:
+        """Count a chunk the runner computed at positions `start_pos...`."""
+        prompt_part = max(0, min(start_pos + num_tokens, num_prompt_tokens) - start_pos)
+        m = self.metrics
+        m["num_computed_tokens"] = m.get("num_computed_tokens", 0.0) + num_tokens
+        m["num_computed_prompt_tokens"] = m.get("num_computed_prompt_tokens", 0.0) + prompt_part
 
     def add_prompt_logprobs(self, entries: list[TokenLogprobs]) -> None:
         assert self.prompt_logprobs is not None

@@ -13,6 +13,8 @@ from mixserve.sampling_params import SamplingParams
 class RequestStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"
+    """Stopped normally but kept (tokens and KV blocks) so that it can be forked; see `Engine.fork_request`."""
     FINISHED = "finished"
 
 
@@ -46,6 +48,8 @@ class Request:
     """When set, prefill stops at this many tokens and the engine forks the request."""
     arrival_time: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
+    pause_on_finish: bool = False
+    """On a normal stop (STOP or LENGTH) keep tokens and KV blocks (status PAUSED) instead of freeing."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -83,4 +87,22 @@ class Request:
                        max_model_len=self.max_model_len, token_ids=list(self.token_ids),
                        num_computed_tokens=self.num_computed_tokens,
                        num_cached_tokens=self.num_cached_tokens, status=self.status,
-                       arrival_time=self.arrival_time)
+                       arrival_time=self.arrival_time, pause_on_finish=self.pause_on_finish)
+
+    def branch(self, request_id: str, params: SamplingParams, append_token_ids: list[int],
+               pause_on_finish: bool) -> Request:
+        """A new single-sample request whose prompt is this one's tokens plus `append_token_ids`.
+
+        It starts with this request's `num_computed_tokens` (the KV the manager shares with it), so
+        it computes only the tokens that have no KV yet: usually the last sampled token plus the
+        appended ones. Those reused tokens are reported as cached prompt tokens.
+        """
+        has_kv = self.status in (RequestStatus.RUNNING, RequestStatus.PAUSED)
+        context = self.token_ids + append_token_ids
+        # At least one token must be computed to get logits to sample from.
+        computed = min(self.num_computed_tokens, len(context) - 1) if has_kv else 0
+        return Request(request_id=request_id, group_id=request_id, sample_index=0,
+                       prompt_token_ids=list(context), params=params, max_model_len=self.max_model_len,
+                       num_computed_tokens=computed, num_cached_tokens=computed,
+                       status=RequestStatus.RUNNING if has_kv else RequestStatus.WAITING,
+                       pause_on_finish=pause_on_finish)
