@@ -10,7 +10,9 @@ import torch
 
 from mixserve.config import ConfigError, EngineConfig
 from mixserve.engine.engine import Engine, ModelInfo
-from mixserve.hub import resolve_model
+from mixserve.experts.budgeted import BudgetedExpertProvider
+from mixserve.experts.setup import build_from_pack, pack_tokenizer, prepare_pack
+from mixserve.hub import default_cache_dir, resolve_model
 from mixserve.layers.linear import enable_int8
 from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
 from mixserve.loading.tokenizer import Tokenizer
@@ -40,6 +42,13 @@ class LoadedModel:
     dtype: torch.dtype
     weight_format: str
     load_seconds: float
+    expert_provider: BudgetedExpertProvider | None = None
+    """The budgeted expert cache when `ExpertConfig.memory_budget` is set (None: experts all resident)."""
+
+    def expert_stats(self) -> dict[str, float]:
+        """Expert cache counters (hit rate, bytes read per token, prefetch recall, stall seconds, ...);
+        empty when experts are all resident."""
+        return {} if self.expert_provider is None else self.expert_provider.expert_stats()
 
 
 def load_model(config: EngineConfig, cache_dir: str | Path | None = None) -> LoadedModel:
@@ -48,17 +57,33 @@ def load_model(config: EngineConfig, cache_dir: str | Path | None = None) -> Loa
     mc = config.model
     if mc.num_threads is not None:
         torch.set_num_threads(mc.num_threads)
-    checkpoint = load_checkpoint(resolve_model(mc.model, cache_dir=cache_dir))
     dtype = _DTYPES[mc.dtype]
-    model = build_model(checkpoint.hf_config, dtype)
-    model.load_weights(checkpoint.weights())  # type: ignore[operator]
+    model, checkpoint, provider = _load_weights(config, cache_dir, dtype)
     model.eval()
     weight_format = mc.weight_format
     if weight_format == "auto":
         weight_format = "int8" if checkpoint.format == "gguf" else "dense"
     if weight_format == "int8":
         enable_int8(model)
-    return LoadedModel(checkpoint, model, dtype, weight_format, time.perf_counter() - start)
+    return LoadedModel(checkpoint, model, dtype, weight_format, time.perf_counter() - start, provider)
+
+
+def _load_weights(config: EngineConfig, cache_dir: str | Path | None, dtype: torch.dtype
+                  ) -> tuple[torch.nn.Module, Checkpoint, BudgetedExpertProvider | None]:
+    """The model with its weights; experts from an expert pack (budgeted or all resident) when the
+    model is a pack or `config.experts.memory_budget` is set (an MoE folder is packed on first use)."""
+    path = resolve_model(config.model.model, cache_dir=cache_dir)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    pack = prepare_pack(path, config.experts, cache)
+    if pack is None:
+        checkpoint = load_checkpoint(path)
+        model = build_model(checkpoint.hf_config, dtype)
+        model.load_weights(checkpoint.weights())  # type: ignore[operator]
+        return model, checkpoint, None
+    checkpoint = load_checkpoint(pack, tokenizer_path=pack_tokenizer(pack))
+    model, provider = build_from_pack(checkpoint.hf_config, pack, config.experts, dtype)
+    model.load_weights(checkpoint.weights())  # type: ignore[operator]
+    return model, checkpoint, provider
 
 
 def wire_engine(loaded: LoadedModel, config: EngineConfig, seed: int = 0) -> BuiltEngine:

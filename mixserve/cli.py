@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from mixserve.config import CacheConfig, EngineConfig, ExpertConfig, ModelConfig, SchedulerConfig
 from mixserve.sampling_params import SamplingParams
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -26,6 +26,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--cache-dir", default=None, help="where pulled models live")
+    g.add_argument("--expert-memory-budget", default=None, metavar="SIZE",
+                   help="MoE only: memory for resident experts, as bytes (2GiB, 512MB) or a share of all "
+                        "expert bytes (25%%, 0.25); experts stream from an expert pack (made on first use)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +55,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs))
+                                  max_num_seqs=args.max_num_seqs),
+        experts=ExpertConfig(memory_budget=args.expert_memory_budget))
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -163,6 +167,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    import json
+
+    from mixserve.experts.pack import dtype_plan, write_pack
+    from mixserve.experts.store import ExpertStore
+    from mixserve.hub import resolve_model
+
+    overrides = json.loads(open(args.dtype_plan).read()) if args.dtype_plan else None
+    out = write_pack(resolve_model(args.model, cache_dir=args.cache_dir), args.out,
+                     choose=dtype_plan(args.expert_dtype, overrides), overwrite=args.overwrite)
+    store = ExpertStore(out)
+    if args.verify:
+        store.verify()
+    print(f"[mixserve] packed {len(store.entries)} experts of {len(store.layer_ids)} layers, "
+          f"{store.total_nbytes() / 2**20:.1f} MiB, into {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixserve", description="Inference engine for experts at every scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
     pull.add_argument("--cache-dir", default=None)
     pull.set_defaults(func=cmd_pull)
+    pack = sub.add_parser("pack", help="write an MoE checkpoint as an expert pack (one blob per expert)")
+    pack.add_argument("model", help="MoE checkpoint: HF folder, GGUF file or known model name")
+    pack.add_argument("out", help="output folder")
+    pack.add_argument("--expert-dtype", default="auto",
+                      choices=["auto", "float32", "bfloat16", "float16", "int8", "int4"],
+                      help="encoding of every expert (auto: as stored; default: %(default)s)")
+    pack.add_argument("--dtype-plan", default=None, metavar="JSON",
+                      help='per-layer / per-expert encodings, e.g. {"0": "int8", "3.17": "bfloat16"}')
+    pack.add_argument("--overwrite", action="store_true", help="replace an existing pack in OUT")
+    pack.add_argument("--verify", action="store_true", help="re-read every expert and check its checksum")
+    pack.add_argument("--cache-dir", default=None)
+    pack.set_defaults(func=cmd_pack)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,6 +88,90 @@ class SchedulerConfig:
                  self.max_num_waiting, "must be >= 0")
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*")
+
+
+@dataclass(frozen=True)
+class ExpertBudget:
+    """A parsed expert memory budget: absolute bytes, or a fraction of all expert bytes."""
+
+    num_bytes: int | None
+    """Bytes of resident experts; None when the budget is a fraction."""
+    fraction: float | None
+    """Share of the bytes all experts take resident, in (0, 1]; None when the budget is in bytes."""
+
+    @staticmethod
+    def parse(text: str, name: str = "expert_memory_budget") -> ExpertBudget:
+        """`2GiB`, `512MB`, `1000000` (bytes), `25%` or `0.25` (a number with a point: a fraction).
+
+        Raises ConfigError naming `name` and the value for anything else."""
+        m = _SIZE.fullmatch(str(text))
+        unit = m[2].lower() if m else ""
+        if m is None or (unit not in _UNITS and unit != "%"):
+            raise ConfigError(f"invalid config {name}={text!r}: expected bytes with a unit (2GiB, 512MB), "
+                              f"a percentage (25%) or a fraction of expert bytes (0.25)")
+        value = float(m[1])
+        if unit == "%" or (unit == "" and "." in m[1]):
+            fraction = value / 100 if unit == "%" else value
+            _require(0 < fraction <= 1, name, text, "a fraction of expert bytes must be in (0, 1]")
+            return ExpertBudget(None, fraction)
+        num_bytes = int(value * _UNITS[unit])
+        _require(num_bytes > 0, name, text, "must be > 0 bytes")
+        return ExpertBudget(num_bytes, None)
+
+    def resolve(self, total_expert_bytes: int) -> int:
+        """Budget in bytes for a model whose experts take `total_expert_bytes` when all resident."""
+        if self.num_bytes is not None:
+            return self.num_bytes
+        assert self.fraction is not None
+        return int(self.fraction * total_expert_bytes)
+
+
+EvictionPolicyName = Literal["lru", "lfu", "lfru"]
+PrefetchName = Literal["none", "router", "affinity"]
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """MoE experts under a memory budget. `memory_budget` is the one knob; the rest have good defaults."""
+
+    memory_budget: str | None = None
+    """Resident expert memory: `2GiB`, `512MB`, `25%` or `0.25` of all expert bytes. None: every expert
+    resident (unless the model is an expert pack, experts load from the checkpoint into RAM)."""
+    policy: EvictionPolicyName = "lfru"
+    """Which resident expert a full layer cache evicts: lru, lfu or lfru (frequency with recency decay)."""
+    prefetch: PrefetchName = "router"
+    """Next-layer prediction: router (layer L+1's router on layer L's hidden state), affinity (online
+    layer-to-layer expert co-occurrence counts), or none (load on demand only)."""
+    prefetch_top_m: int | None = None
+    """Experts per token predicted and prefetched for the next layer; None: the model's top-k."""
+    io_threads: int = 2
+    """Background threads reading experts from the store."""
+    direct_io: bool = False
+    """Read the expert store with O_DIRECT (bypass the OS page cache)."""
+    verify_checksums: bool = True
+    """Check each expert's crc32 against the pack manifest the first time it is read."""
+    pack_dir: str | None = None
+    """Where an unpacked checkpoint is packed on first use with a budget; None: `<cache dir>/packs`."""
+
+    def __post_init__(self) -> None:
+        if self.memory_budget is not None:
+            ExpertBudget.parse(self.memory_budget, "experts.memory_budget")
+        _require(self.policy in ("lru", "lfu", "lfru"), "experts.policy", self.policy, "lru, lfu or lfru")
+        _require(self.prefetch in ("none", "router", "affinity"), "experts.prefetch", self.prefetch,
+                 "none, router or affinity")
+        _require(self.prefetch_top_m is None or self.prefetch_top_m >= 1, "experts.prefetch_top_m",
+                 self.prefetch_top_m, "must be >= 1")
+        _require(self.io_threads >= 1, "experts.io_threads", self.io_threads, "must be >= 1")
+
+    @property
+    def budget(self) -> ExpertBudget | None:
+        """The parsed `memory_budget` (None when unset)."""
+        return None if self.memory_budget is None else ExpertBudget.parse(self.memory_budget)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs, in one value."""
@@ -97,3 +182,5 @@ class EngineConfig:
     """KV cache."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Scheduling limits."""
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    """MoE experts: memory budget, cache policy, prefetch (ignored for dense models)."""

@@ -10,7 +10,15 @@ from typing import Any
 from tqdm import tqdm
 
 from mixserve.builder import LoadedModel, load_model, wire_engine
-from mixserve.config import CacheConfig, Dtype, EngineConfig, ModelConfig, SchedulerConfig, WeightFormat
+from mixserve.config import (
+    CacheConfig,
+    Dtype,
+    EngineConfig,
+    ExpertConfig,
+    ModelConfig,
+    SchedulerConfig,
+    WeightFormat,
+)
 from mixserve.outputs import CompletionOutput, RequestOutput
 from mixserve.sampling_params import SamplingParams
 
@@ -31,8 +39,9 @@ class LLM:
                  num_threads: int | None = None, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 128,
-                 enable_chunked_prefill: bool = True, seed: int = 0,
-                 cache_dir: str | Path | None = None, config: EngineConfig | None = None) -> None:
+                 enable_chunked_prefill: bool = True, expert_memory_budget: str | None = None,
+                 seed: int = 0, cache_dir: str | Path | None = None,
+                 config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
                 model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format,
@@ -42,7 +51,8 @@ class LLM:
                                   enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                           max_num_seqs=max_num_seqs,
-                                          enable_chunked_prefill=enable_chunked_prefill))
+                                          enable_chunked_prefill=enable_chunked_prefill),
+                experts=ExpertConfig(memory_budget=expert_memory_budget))
         self._setup(config, load_model(config, cache_dir=cache_dir), seed)
 
     def _setup(self, config: EngineConfig, loaded: LoadedModel, seed: int) -> None:
@@ -63,10 +73,15 @@ class LLM:
             model = ModelConfig(model=model.model, dtype=model.dtype, weight_format=model.weight_format,
                                 max_model_len=max_model_len, num_threads=model.num_threads)
         config = EngineConfig(model=model, cache=cache or self.config.cache,
-                              scheduler=scheduler or self.config.scheduler)
+                              scheduler=scheduler or self.config.scheduler, experts=self.config.experts)
         other = LLM.__new__(LLM)
         other._setup(config, self.loaded, seed)
         return other
+
+    def expert_stats(self) -> dict[str, float]:
+        """MoE expert-cache counters of this model (shared by `with_config` copies): hit rate, bytes
+        read per token, prefetch recall, stall seconds, ...; empty when experts are all resident."""
+        return self.loaded.expert_stats()
 
     # -- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

@@ -70,6 +70,10 @@ class CountingProvider:
         self.gets: list[tuple[int, list[int]]] = []
         self.releases: list[ExpertWeights] = []
 
+    def plan(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
+             active_ids: list[int]) -> list[list[int]]:
+        return self.inner.plan(layer_idx, x, topk_ids, active_ids)
+
     def get(self, layer_idx: int, expert_ids: list[int]) -> ExpertWeights:
         self.gets.append((layer_idx, list(expert_ids)))
         return self.inner.get(layer_idx, expert_ids)

@@ -1,10 +1,12 @@
 """The seam between MoE layers and wherever expert weights live.
 
-An MoE layer routes its tokens first, then asks its `ExpertProvider` for every expert the step needs
-in ONE `get(layer_idx, expert_ids)` call, computes, and calls `release`. So a budgeted cache sees the
-whole active set of a layer before any matmul runs: it can load all misses in one go, and it must keep
-the returned tensors valid (pinned) until `release`. Prediction and prefetch for later layers are the
-cache's own business (driven, e.g., by a `RoutingObserver`); the layer only ever calls `get`/`release`.
+An MoE layer routes its tokens first, then tells its `ExpertProvider` the routing in ONE
+`plan(layer_idx, x, topk_ids, active_ids)` call, which returns the waves to run: lists of expert ids
+partitioning the active set (all-resident providers: one wave). Per wave the layer calls
+`get(layer_idx, wave)`, computes, and calls `release`. So a budgeted cache sees the whole active set
+(and the hidden state, for predicting the next layer) before any matmul runs: it can load all misses
+in one go, split a prefill's experts into waves that fit, and it must keep the returned tensors valid
+(pinned) until `release`. Prediction and prefetch for later layers are the provider's own business.
 
 Expert `e` of a layer is a SiLU-gated MLP stored as two matrices:
   gate_up `[2 * intermediate_size, hidden_size]` (gate rows first, then up rows), and
@@ -41,6 +43,12 @@ class ExpertWeights:
 
 class ExpertProvider(Protocol):
     """Where MoE layers get expert weights from (all resident, or a budgeted cache)."""
+
+    def plan(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
+             active_ids: list[int]) -> list[list[int]]:
+        """Layer `layer_idx` routed `x` `[num_tokens, hidden_size]` to `topk_ids` `[num_tokens, top_k]`,
+        using the ascending `active_ids`: the waves (a partition of `active_ids`) to `get` one by one."""
+        ...
 
     def get(self, layer_idx: int, expert_ids: list[int]) -> ExpertWeights:
         """Weights of `expert_ids` (the full active set of one layer for one step)."""
@@ -118,6 +126,10 @@ class InMemoryExpertProvider(nn.Module):
         slot = self._slot[layer_idx]
         return self.gate_up[slot], self.down[slot]
 
+    def plan(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
+             active_ids: list[int]) -> list[list[int]]:
+        return [list(active_ids)]
+
     def get(self, layer_idx: int, expert_ids: list[int]) -> ExpertWeights:
         gate_up, down = self.stacks(layer_idx)
         for e in expert_ids:
@@ -168,3 +180,11 @@ class InMemoryExpertProvider(nn.Module):
         return [(layer_idx, e, p) for layer_idx in self.layer_ids for e in range(self.num_experts)
                 for p in (ExpertProj.GATE, ExpertProj.UP, ExpertProj.DOWN)
                 if (layer_idx, e, p) not in self._loaded]
+
+
+def load_expert(store: InMemoryExpertProvider | None, key: ExpertKey, tensor: torch.Tensor, name: str) -> None:
+    """`store.load`, or WeightError when the model's experts come from an expert store instead."""
+    if store is None:
+        raise WeightError(f"unexpected expert tensor {name!r}: this model's experts come from its expert "
+                          f"store, not the checkpoint")
+    store.load(key, tensor, name)

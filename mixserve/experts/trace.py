@@ -1,10 +1,14 @@
 """Observable routing: which experts each token used, per step and per MoE layer.
 
 A model with a `RoutingObserver` attached calls `begin_step` once per forward, then every MoE layer
-calls `record` with its top-k choice. `RoutingTrace` keeps the tensors as they come (no sync, no
-conversion) and converts lazily in `to_dict`/`save`, so traces of real runs can be replayed later
-(cache-policy simulation, predictor training). With no observer attached the model does one `is None`
-check per layer.
+calls `record` with its top-k choice. A `RouteSource` attached to the MoE layers (`set_route_source`
+in `layers/moe.py`) is the replay seam: the router still runs, but the source decides which experts
+each token uses (`TraceReplay` replays a recorded trace, `SyntheticRouting` draws skewed routes), so
+cache policies can be measured on realistic routing with a random-initialised model.
+
+`RoutingTrace` keeps the tensors as they come (no sync, no conversion) and converts lazily in
+`to_dict`/`save`, so traces of real runs can be replayed later (cache-policy simulation, predictor
+training). With no observer attached the model does one `is None` check per layer.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ class RoutingObserver(Protocol):
 
     def record(self, layer_idx: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
         """MoE layer `layer_idx` chose `[num_tokens, top_k]` experts with float32 weights."""
+        ...
+
+
+class RouteSource(Protocol):
+    """Overrides routing decisions (for replay and benchmarks; outputs then differ from the router's)."""
+
+    def route(self, layer_idx: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router chose `[num_tokens, top_k]` ids/float32 weights; return the ones to use instead."""
         ...
 
 
@@ -139,3 +152,27 @@ class RoutingTrace:
                     step.topk_weights[layer_idx] = torch.from_numpy(data[f"s{i}.l{layer_idx}.weights"])
                 trace.steps.append(step)
         return trace
+
+
+class TraceReplay:
+    """A `RouteSource` replaying a recorded trace: the n-th call of layer L gets step n's routing of L.
+
+    Raises ValueError (naming step and layer) when the token count differs from the recording or the
+    trace runs out."""
+
+    def __init__(self, trace: RoutingTrace) -> None:
+        self.trace = trace
+        self.cursor: dict[int, int] = {}
+
+    def route(self, layer_idx: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.cursor.get(layer_idx, 0)
+        steps = [s for s in self.trace.steps if layer_idx in s.topk_ids]
+        if n >= len(steps):
+            raise ValueError(f"trace replay: layer {layer_idx} asked for step {n}, the trace has {len(steps)}")
+        ids, weights = steps[n].topk_ids[layer_idx], steps[n].topk_weights[layer_idx]
+        if ids.shape != topk_ids.shape:
+            raise ValueError(f"trace replay: step {n} layer {layer_idx} recorded {list(ids.shape)} routes, "
+                             f"the model asks for {list(topk_ids.shape)}")
+        self.cursor[layer_idx] = n + 1
+        return ids.to(topk_ids.device), weights.to(topk_weights.dtype)

@@ -1,13 +1,19 @@
 """The sparse MoE layer shared by every MoE family, and the SiLU-gated MLP used for dense/shared experts.
 
-Invariant: one call routes all its tokens, asks the `ExpertProvider` ONCE for the whole active set,
-and runs each active expert ONCE, as one matmul pair over all the tokens routed to it:
+Invariant: one call routes all its tokens, tells the `ExpertProvider` ONCE which experts are active
+(`plan`, which answers with waves: one for all-resident providers, several when a budgeted cache is
+smaller than the active set), and runs each active expert ONCE, as one matmul pair over all the
+tokens routed to it:
 
     ids, weights = top_k(score(x @ router^T))             [num_tokens, top_k]
     order = argsort(ids.flatten())                         token-expert pairs grouped by expert id
-    for each active expert e (a contiguous run of `order`):
-        y[run] = down_e(silu(gate_e x) * up_e x) * weight  gate_up fused: one [2*inter, hidden] matmul
-    out = zeros.index_add_(0, token_of(order), y)          scatter-add back to tokens
+    for each wave, for each expert e of the wave (a contiguous run of `order`):
+        y[run] = down_e(silu(gate_e x) * up_e x)           gate_up fused: one [2*inter, hidden] matmul
+    out = zeros.index_add_(0, token_of(order), y * weight) scatter-add back to tokens
+
+Each expert's rows are computed by the same ops whatever the waves, so outputs are bitwise the same
+for any provider holding the same weights. `set_route_source` is the replay seam: it lets a
+`RouteSource` replace the router's choice (trace replay, synthetic skewed routing for benchmarks).
 
 The families differ only in flags: how scores are made (softmax/sigmoid), whether the selected weights
 are renormalised to sum to 1, in which dtype they scale the expert outputs, and an optional shared
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixserve.experts.provider import ExpertProvider, ExpertWeights, borrow_experts
-from mixserve.experts.trace import RoutingObserver
+from mixserve.experts.trace import RouteSource, RoutingObserver
 from mixserve.layers.linear import Linear
 
 Scoring = Literal["softmax", "sigmoid"]
@@ -96,6 +102,7 @@ class MoE(nn.Module):
         self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size)
                               if shared_intermediate_size is not None else None)
         self.shared_expert_gate = RouterGate(hidden_size, 1) if shared_expert_gate else None
+        self.route_source: RouteSource | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[num_tokens, hidden_size]` -> (`[num_tokens, top_k]` int64 ids, float32 weights)."""
@@ -116,6 +123,8 @@ class MoE(nn.Module):
             raise ValueError(f"MoE layer {self.layer_idx} expects [num_tokens, {self.hidden_size}] "
                              f"input, got {list(x.shape)}")
         ids, weights = self.route(x)
+        if self.route_source is not None:
+            ids, weights = self.route_source.route(self.layer_idx, ids, weights)
         if observer is not None:
             observer.record(self.layer_idx, ids, weights)
         if self.weights_in_activation_dtype:
@@ -126,8 +135,17 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
         active = torch.nonzero(counts).flatten()
         active_ids: list[int] = active.tolist()
-        with borrow_experts(experts, self.layer_idx, active_ids) as w:
-            y = self._run_experts(x[token_of], counts[active].tolist(), w)
+        waves = experts.plan(self.layer_idx, x, ids, active_ids)
+        if sorted(e for wave in waves for e in wave) != active_ids:
+            raise ValueError(f"MoE layer {self.layer_idx}: provider waves {waves} do not partition the "
+                             f"active experts {active_ids}")
+        xs = x[token_of]  # [num_tokens * top_k, hidden_size] grouped by expert
+        y = torch.empty_like(xs)
+        starts = dict(zip(active_ids, (torch.cumsum(counts[active], 0) - counts[active]).tolist()))
+        num_rows = dict(zip(active_ids, counts[active].tolist()))
+        for wave in waves:
+            with borrow_experts(experts, self.layer_idx, wave) as w:
+                self._run_experts(xs, y, starts, num_rows, w)
         y = (y * weights.flatten()[order, None]).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, y)
         if self.shared_expert is not None:
@@ -137,21 +155,35 @@ class MoE(nn.Module):
             out = out + shared
         return out
 
-    def _run_experts(self, xs: torch.Tensor, counts: list[int], w: ExpertWeights) -> torch.Tensor:
-        """`xs` `[num_pairs, hidden_size]` grouped by expert (runs of `counts`) -> unweighted outputs."""
+    def _run_experts(self, xs: torch.Tensor, out: torch.Tensor, starts: dict[int, int],
+                     num_rows: dict[int, int], w: ExpertWeights) -> None:
+        """Rows `starts[e]:starts[e] + num_rows[e]` of `xs` (grouped by expert) -> the same rows of `out`
+        (unweighted expert outputs), for the experts of `w`."""
         gate_up_shape = (2 * self.intermediate_size, self.hidden_size)
         down_shape = (self.hidden_size, self.intermediate_size)
-        if len(w.gate_up) != len(counts) or len(w.down) != len(counts):
+        if len(w.gate_up) != len(w.expert_ids) or len(w.down) != len(w.expert_ids):
             raise ValueError(f"MoE layer {self.layer_idx}: provider returned {len(w.gate_up)} gate_up / "
-                             f"{len(w.down)} down tensors for {len(counts)} experts")
-        out = torch.empty_like(xs)
-        start = 0
-        for expert_id, n, gate_up, down in zip(w.expert_ids, counts, w.gate_up, w.down):
+                             f"{len(w.down)} down tensors for {len(w.expert_ids)} experts")
+        for expert_id, gate_up, down in zip(w.expert_ids, w.gate_up, w.down):
             if gate_up.shape != gate_up_shape or down.shape != down_shape:
                 raise ValueError(
                     f"MoE layer {self.layer_idx} expert {expert_id}: gate_up {list(gate_up.shape)} / down "
                     f"{list(down.shape)}, expected {list(gate_up_shape)} / {list(down_shape)}")
+            start, n = starts[expert_id], num_rows[expert_id]
             h = silu_and_mul(F.linear(xs[start:start + n], gate_up))  # [n, intermediate_size]
             out[start:start + n] = F.linear(h, down)
-            start += n
-        return out
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of `model`, in module order (= forward order for every family here)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def set_route_source(model: nn.Module, source: RouteSource | None) -> None:
+    """Attach a `RouteSource` to every MoE layer of `model` (None: route with the routers again).
+
+    This is the replay seam: a recorded `TraceReplay` or a `SyntheticRouting` decides which experts
+    each token uses (the router still runs, so compute cost is unchanged); outputs then follow the
+    replayed routing, not the model's own. Meant for benchmarks and cache-policy evaluation."""
+    for layer in moe_layers(model):
+        layer.route_source = source

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixserve.experts.provider import ExpertKey, ExpertProj, ExpertProvider, InMemoryExpertProvider
+from mixserve.experts.provider import (
+    ExpertKey,
+    ExpertProj,
+    ExpertProvider,
+    InMemoryExpertProvider,
+    load_expert,
+)
 from mixserve.experts.trace import RoutingObserver
 from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
 from mixserve.layers.linear import Linear
@@ -226,11 +232,11 @@ class MixtralForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF tensors in: experts into the in-memory provider, q/k/v into the fused qkv rows."""
-        store = self.experts
-        if not isinstance(store, InMemoryExpertProvider):
-            raise WeightError("load_weights fills the in-memory expert provider; load before "
-                              "set_expert_provider")
-        store.begin_loading()
+        # With a store-backed provider set (set_expert_provider), experts come from that store and the
+        # checkpoint must hold none; else they fill the in-memory provider.
+        store = self.experts if isinstance(self.experts, InMemoryExpertProvider) else None
+        if store is not None:
+            store.begin_loading()
         args = self.args
         q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
         targets = fused_targets(self.model, _splits(q, kv), "model")
@@ -238,14 +244,14 @@ class MixtralForCausalLM(nn.Module):
         for name, tensor in weights:
             key = self.expert_key(name)
             if key is not None:
-                store.load(key, tensor, name)
+                load_expert(store, key, tensor, name)
             elif not (name.endswith("rotary_emb.inv_freq")
                       or (args.tie_word_embeddings and name == "lm_head.weight")):
                 # HF 5.x in-memory names call the MoE block `mlp`; checkpoints say `block_sparse_moe`.
                 copy_into(targets, name.replace(".mlp.gate.", ".block_sparse_moe.gate."), tensor)
         if targets:
             raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")
-        if missing := store.missing():
+        if store is not None and (missing := store.missing()):
             layer_idx, e, proj = missing[0]
             raise WeightError(f"checkpoint is missing {len(missing)} expert tensor(s), e.g. "
                               f"'model.layers.{layer_idx}.block_sparse_moe.experts.{e}.{_HF_NAME[proj]}.weight'")

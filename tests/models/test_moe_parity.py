@@ -190,6 +190,9 @@ class CountingProvider:
         self.inner = inner
         self.layer_ids: list[int] = []
 
+    def plan(self, layer_idx: int, x: Any, topk_ids: Any, active_ids: list[int]) -> list[list[int]]:
+        return self.inner.plan(layer_idx, x, topk_ids, active_ids)
+
     def get(self, layer_idx: int, expert_ids: list[int]) -> Any:
         self.layer_ids.append(layer_idx)
         return self.inner.get(layer_idx, expert_ids)
