@@ -1,0 +1,133 @@
+"""Build strategies and verifiers by name (what `LLM.scale`, the eval CLI and the server call).
+
+Strategy names: see `STRATEGIES`. Verifier names: see `VERIFIERS`; a Python callable
+`f(text) -> float` is also accepted as a verifier (a user-supplied function).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from mixserve.sampling_params import SamplingParams
+from mixserve.scaling import select
+from mixserve.scaling.accounting import ModelCost
+from mixserve.scaling.adaptive import AdaptiveConsistency
+from mixserve.scaling.answers import Extractor, extract_answer
+from mixserve.scaling.base import ScaleConfig, ScalingError, Strategy
+from mixserve.scaling.beam import BeamPolicy
+from mixserve.scaling.first_finish import FirstFinish
+from mixserve.scaling.judge import JudgeVerifier
+from mixserve.scaling.particle import ParticlePolicy
+from mixserve.scaling.sampling import SampleAndSelect, Selector
+from mixserve.scaling.search import StepSearch, make_rng
+from mixserve.scaling.tasks import Problem, Task
+from mixserve.scaling.tracker import Tracker
+from mixserve.scaling.verifiers import FunctionVerifier, NoisyVerifier, Verifier
+
+STRATEGIES = {
+    "sample": "repeated sampling: all N candidates (for pass@k / coverage)",
+    "majority": "self-consistency: most frequent extracted answer",
+    "weighted": "majority weighted by verifier score",
+    "bon": "best-of-N by verifier score",
+    "bom": "Best-of-Majority: frequency-gated top-k by verifier score",
+    "adaptive": "self-consistency that stops when the vote is settled (beta / supermajority)",
+    "ffs": "first-finish search: first finished of N, abort the rest",
+    "confidence": "highest token-level confidence (negative tail entropy), no verifier",
+    "beam": "step-level beam search with a process reward",
+    "pf": "particle filtering with a process reward",
+}
+NEEDS_VERIFIER = {"weighted", "bon", "bom", "beam", "pf"}
+VERIFIERS = {
+    "none": "no verifier",
+    "judge": "LLM self-evaluation: P(yes) after a judge question, one forward pass",
+    "task": "exact programmatic verifier of the task (binary)",
+    "oracle_prm": "exact process reward from the task's solvability check (+ exact outcome)",
+    "noisy_prm": "oracle_prm with each score flipped with probability `noise`",
+}
+
+VerifierSpec = Verifier | str | Callable[[str], float] | None
+
+
+def new_strategy_id() -> str:
+    return "scale-" + uuid.uuid4().hex[:12]
+
+
+def make_verifier(spec: VerifierSpec, *, tokenizer: Any = None, task: Task | None = None,
+                  problem: Problem | None = None, noise: float = 0.2, seed: int = 0) -> Verifier | None:
+    """A verifier from a name (`VERIFIERS`), a callable, a ready `Verifier`, or None."""
+    if spec is None or spec == "none":
+        return None
+    if callable(spec) and not isinstance(spec, str):
+        return FunctionVerifier(spec, name=getattr(spec, "__name__", "function"))
+    if not isinstance(spec, str):
+        return spec
+    if spec not in VERIFIERS:
+        raise ScalingError(f"invalid verifier={spec!r}: known verifiers are {', '.join(VERIFIERS)}, "
+                           f"or a Python function")
+    if spec == "judge":
+        if tokenizer is None:
+            raise ScalingError("invalid verifier='judge': it needs the model's tokenizer")
+        return JudgeVerifier.from_tokenizer(tokenizer)
+    if task is None or problem is None:
+        raise ScalingError(f"invalid verifier={spec!r}: it needs a task problem (use 'judge' or a function)")
+    t, p = task, problem
+
+    def outcome(text: str) -> float:
+        return float(t.check(p, t.extract(text)))
+
+    if spec == "task":
+        return FunctionVerifier(outcome, name="task")
+    if t.process_score(p, "") is None:
+        raise ScalingError(f"invalid verifier={spec!r}: task {t.name!r} has no exact process reward "
+                           f"(use 'task')")
+
+    def process(text: str) -> float:
+        score = t.process_score(p, text)
+        return 0.0 if score is None else score
+
+    oracle = FunctionVerifier(outcome, process, name="oracle_prm")
+    return oracle if spec == "oracle_prm" else NoisyVerifier(oracle, noise, seed)
+
+
+def make_strategy(name: str, prompt_ids: Sequence[int], budget: int | None = None,
+                  params: SamplingParams | None = None, verifier: VerifierSpec = None,
+                  tokenizer: Any = None, *, config: ScaleConfig | None = None,
+                  extract: Extractor | None = None, cost: ModelCost | None = None,
+                  strategy_id: str | None = None) -> Strategy:
+    """A ready-to-start strategy; raises ScalingError naming a bad field (name, budget, verifier)."""
+    if name not in STRATEGIES:
+        raise ScalingError(f"invalid strategy={name!r}: known strategies are {', '.join(STRATEGIES)}")
+    config = config or ScaleConfig()
+    if budget is not None or params is not None:
+        config = replace(config, budget=config.budget if budget is None else budget,
+                         params=params or config.params)
+    v = make_verifier(verifier, tokenizer=tokenizer)
+    if name in NEEDS_VERIFIER and v is None:
+        raise ScalingError(f"invalid verifier=None: strategy {name!r} needs one ({', '.join(VERIFIERS)})")
+    if not prompt_ids:
+        raise ScalingError("invalid prompt: it is empty")
+    tracker = Tracker(strategy_id or new_strategy_id(), list(prompt_ids), extract or extract_answer, v, cost)
+    return _build(name, tracker, config)
+
+
+def _build(name: str, t: Tracker, c: ScaleConfig) -> Strategy:
+    rules: dict[str, Selector] = {
+        "majority": select.majority, "weighted": select.weighted_majority,
+        "bon": lambda cs: select.best_of_n(cs, c.k),
+        "bom": lambda cs: select.best_of_majority(cs, c.k, c.bom_alpha),
+        "confidence": select.most_confident, "sample": select.first_sample}
+    if name in rules:
+        logprobs = c.confidence_top_logprobs if name == "confidence" else None
+        return SampleAndSelect(name, t, c, rules[name], logprobs=logprobs, return_all=name == "sample")
+    if name == "adaptive":
+        return AdaptiveConsistency(t, c)
+    if name == "ffs":
+        return FirstFinish(t, c)
+    if name == "beam":
+        width = c.beam_width or max(1, c.budget // 4)
+        return StepSearch(name, t, c, BeamPolicy(c.budget, width))
+    rng = make_rng(c.params.seed, t.strategy_id)
+    return StepSearch(name, t, c, ParticlePolicy(c.budget, c.pf_temperature, c.ess_threshold, rng))
