@@ -23,7 +23,7 @@ from mixserve.config import ExpertConfig
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.pack import write_pack
 from mixserve.experts.predict import AffinityPredictor, ExpertPredictor, RouterLookahead, RouterSpec
-from mixserve.experts.provider import InMemoryExpertProvider
+from mixserve.experts.provider import ExpertWeights, InMemoryExpertProvider
 from mixserve.experts.store import MANIFEST, ExpertStore, PackError
 from mixserve.layers.moe import moe_layers
 from mixserve.models.base import model_class
@@ -118,6 +118,7 @@ def build_from_pack(hf_config: dict[str, Any], pack: Path, config: ExpertConfig,
         model = model.to(dtype)
         fill_in_memory(model.experts, store, dtype)
         store.close()
+        model.set_expert_provider(ResidentExperts(model.experts))  # load_weights then skips experts
         return model, None
     budget_nbytes = budget.resolve(total_expert_nbytes(store, dtype))
     provider = BudgetedExpertProvider(store, budget_nbytes, dtype, policy=config.policy,
@@ -126,6 +127,24 @@ def build_from_pack(hf_config: dict[str, Any], pack: Path, config: ExpertConfig,
     model = model.to(dtype)
     provider.predictor = make_predictor(model, config, store.num_experts)
     return model, provider
+
+
+class ResidentExperts:
+    """All experts resident, filled from a pack: an `InMemoryExpertProvider` that is not one to
+    `load_weights` (the checkpoint of a pack holds no experts). Counts in `model.parameters()` no more."""
+
+    def __init__(self, inner: InMemoryExpertProvider) -> None:
+        self.inner = inner
+
+    def plan(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
+             active_ids: list[int]) -> list[list[int]]:
+        return [list(active_ids)]
+
+    def get(self, layer_idx: int, expert_ids: list[int]) -> ExpertWeights:
+        return self.inner.get(layer_idx, expert_ids)
+
+    def release(self, weights: ExpertWeights) -> None:
+        pass
 
 
 def fill_in_memory(mem: InMemoryExpertProvider, store: ExpertStore, dtype: torch.dtype) -> None:

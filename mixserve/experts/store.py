@@ -85,6 +85,7 @@ class ExpertStore:
 
     def __init__(self, folder: str | Path, *, direct_io: bool = False, verify_checksums: bool = True) -> None:
         self.folder = Path(folder)
+        self._fd = -1
         manifest_path = self.folder / MANIFEST
         if not manifest_path.is_file():
             raise PackError(f"{manifest_path}: missing (not an expert pack; create one with `mixserve pack`)")
