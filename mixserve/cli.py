@@ -185,6 +185,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mixserve.scaling.evaluate import eval_config, run_eval
+
+    config = eval_config(args)  # validate before loading the model
+    return run_eval(_load(args), config, args.model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixserve", description="Inference engine for experts at every scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--verify", action="store_true", help="re-read every expert and check its checksum")
     pack.add_argument("--cache-dir", default=None)
     pack.set_defaults(func=cmd_pack)
+    from mixserve.scaling.evaluate import add_eval_args
+
+    ev = sub.add_parser("eval", help="inference-time scaling strategies x budgets on a generated task")
+    _add_model_args(ev)
+    add_eval_args(ev)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

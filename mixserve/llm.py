@@ -129,6 +129,23 @@ class LLM:
         prompts = [self.chat_prompt(c) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, params, use_tqdm=use_tqdm)
 
+    def scale(self, prompt: Prompt, strategy: str = "majority", budget: int = 8, verifier: Any = None,
+              params: SamplingParams | None = None, **options: Any) -> Any:
+        """Inference-time scaling inside this engine; returns a `mixserve.scaling.ScaleResult`
+        (selected answer, every candidate, compute accounting). `strategy`/`verifier` names are in
+        `mixserve.scaling.STRATEGIES`/`VERIFIERS`; a verifier may also be a function `f(text) -> float`.
+        `options` go to `make_strategy` (config=ScaleConfig(...), extract=...).
+
+        >>> llm.scale("What is 17 * 23?", strategy="bom", budget=16, verifier="judge").answer
+        """
+        from mixserve.scaling import ModelCost, make_strategy, run_strategy
+
+        num_params = sum(p.numel() for p in self.model.parameters())
+        cost = ModelCost.from_hf_config(self.checkpoint.hf_config, num_params)
+        made = make_strategy(strategy, self.encode(prompt), budget, params, verifier, self.tokenizer,
+                             cost=cost, **options)
+        return run_strategy(self.engine, made)
+
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield deltas (new tokens and text per sample) of one request as they are produced."""
         request_id = self._add(prompt, params or SamplingParams())

@@ -31,6 +31,12 @@ class ModelCost:
     def flops(self, num_tokens: float, mean_context: float) -> float:
         return num_tokens * (2.0 * self.num_params + 4.0 * self.num_layers * self.attention_dim * mean_context)
 
+    @classmethod
+    def from_hf_config(cls, hf_config: dict, num_params: int) -> ModelCost:
+        heads = int(hf_config["num_attention_heads"])
+        head_dim = int(hf_config.get("head_dim") or int(hf_config["hidden_size"]) // heads)
+        return cls(num_params, int(hf_config["num_hidden_layers"]), heads * head_dim)
+
 
 @dataclass(frozen=True)
 class ComputeUsage:

@@ -74,7 +74,8 @@ def test_best_of_n_degrades_with_n_under_reward_hacking_but_bom_does_not() -> No
         assert abs(bon[n] - theory) < tolerance([theory] * 200), n
     assert bon[32] < bon[4]
     config = ScaleConfig(bom_alpha=0.25)
-    bom = {n: accuracy(run_answers(specs, "bom", n, verifier=hacked_reward, config=config)) for n in (4, 32, 64)}
+    fewer = dict(list(specs.items())[:100])
+    bom = {n: accuracy(run_answers(fewer, "bom", n, verifier=hacked_reward, config=config)) for n in (4, 32, 64)}
     assert bom[64] >= bom[4] - 0.02 and bom[32] >= bom[4] - 0.02
     assert bom[64] > 0.95
 

@@ -1,0 +1,166 @@
+"""`mixserve eval`: strategies x budgets on a generated task, batched across problems in one engine.
+
+For each (strategy, budget) every problem's strategy runs concurrently (one `run_strategies` call),
+then the selected answers are checked with the task's exact verifier. "sample" rows also give the
+coverage curve: the unbiased pass@k over the N samples of each problem, for every k <= N in budgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mixserve.sampling_params import SamplingParams
+from mixserve.scaling.accounting import ModelCost
+from mixserve.scaling.base import ScaleConfig, ScalingError
+from mixserve.scaling.driver import run_strategies
+from mixserve.scaling.metrics import mean_pass_at_k
+from mixserve.scaling.registry import NEEDS_VERIFIER, STRATEGIES, VERIFIERS, make_strategy, make_verifier
+from mixserve.scaling.tasks import TASKS, Problem, Task, get_task
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run (validated on construction)."""
+
+    task: str = "arithmetic"
+    strategies: tuple[str, ...] = ("sample", "majority", "bon", "bom")
+    budgets: tuple[int, ...] = (1, 2, 4, 8)
+    num_problems: int = 8
+    difficulty: int = 1
+    seed: int = 0
+    verifier: str = "auto"
+    """auto: judge for outcome strategies, oracle_prm for search when the task has one (else judge)."""
+    max_tokens: int = 96
+    temperature: float = 0.7
+    max_steps: int = 6
+    out_dir: str = "benchmarks/results/scaling"
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        for name in self.strategies:
+            if name not in STRATEGIES:
+                raise ScalingError(f"invalid strategies={name!r}: known strategies are {', '.join(STRATEGIES)}")
+        for b in self.budgets:
+            if not isinstance(b, int) or b < 1:
+                raise ScalingError(f"invalid budgets={b!r}: every budget must be an integer >= 1")
+        if self.verifier != "auto" and self.verifier not in VERIFIERS:
+            raise ScalingError(f"invalid verifier={self.verifier!r}: auto or one of {', '.join(VERIFIERS)}")
+        get_task(self.task).generate(1, self.seed, self.difficulty)  # validates difficulty
+        if self.num_problems < 1:
+            raise ScalingError(f"invalid num_problems={self.num_problems!r}: must be >= 1")
+
+
+def verifier_for(config: EvalConfig, strategy: str, task: Task, problem: Problem) -> str | None:
+    if strategy not in NEEDS_VERIFIER:
+        return None
+    if config.verifier != "auto":
+        return config.verifier
+    if strategy in ("beam", "pf") and task.process_score(problem, "") is not None:
+        return "oracle_prm"
+    return "judge"
+
+
+def prompt_ids(tokenizer: Any, problem: Problem) -> list[int]:
+    if getattr(tokenizer, "chat_template_is_default", True):
+        return list(tokenizer.encode(problem.question + "\n"))
+    return list(tokenizer.encode_chat([{"role": "user", "content": problem.question}]))
+
+
+def run_cell(engine: Any, tokenizer: Any, config: EvalConfig, strategy: str, budget: int,
+             cost: ModelCost | None) -> dict[str, Any]:
+    task = get_task(config.task)
+    problems = task.generate(config.num_problems, config.seed, config.difficulty)
+    params = SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed)
+    scale = ScaleConfig(budget=budget, params=params, max_steps=config.max_steps)
+    made = []
+    for i, p in enumerate(problems):
+        spec = verifier_for(config, strategy, task, p)
+        v = make_verifier(spec, tokenizer=tokenizer, task=task, problem=p, seed=config.seed)
+        made.append(make_strategy(strategy, prompt_ids(tokenizer, p), verifier=v, config=scale,
+                                  extract=task.extract, cost=cost, strategy_id=f"eval-{strategy}-{budget}-{i}"))
+    start = time.perf_counter()
+    results = run_strategies(engine, made)
+    seconds = time.perf_counter() - start
+    correct = [task.check(p, r.answer) for p, r in zip(problems, results, strict=True)]
+    counts = [(len(r.candidates), sum(task.check(p, c.answer) for c in r.candidates))
+              for p, r in zip(problems, results, strict=True)]
+    usage = [r.usage for r in results]
+    row: dict[str, Any] = {
+        "strategy": strategy, "budget": budget, "accuracy": sum(correct) / len(correct),
+        "coverage": sum(c > 0 for _, c in counts) / len(counts), "seconds": seconds,
+        "verifier": verifier_for(config, strategy, task, problems[0]) or "none",
+        "samples": sum(u.num_samples for u in usage) / len(usage),
+        "generated_tokens": sum(u.total_generated_tokens for u in usage) / len(usage),
+        "prefill_tokens": sum(u.policy_prefill_tokens + u.verifier_prefill_tokens for u in usage) / len(usage),
+        "reused_tokens": sum(u.policy_reused_tokens + u.verifier_reused_tokens for u in usage) / len(usage),
+        "verifier_tokens": sum(u.verifier_prefill_tokens + u.verifier_generated_tokens for u in usage) / len(usage),
+        "flops": sum(u.flops or 0.0 for u in usage) / len(usage)}
+    if strategy == "sample":
+        row["pass_at_k"] = {k: mean_pass_at_k(counts, k) for k in config.budgets if k <= budget}
+    return row
+
+
+def evaluate(engine: Any, tokenizer: Any, config: EvalConfig, cost: ModelCost | None = None,
+             progress: bool = True) -> list[dict[str, Any]]:
+    cells = [(s, b) for s in config.strategies for b in config.budgets]
+    rows = []
+    with tqdm(total=len(cells), desc=f"eval {config.task}", disable=not progress) as bar:
+        for strategy, budget in cells:
+            rows.append(run_cell(engine, tokenizer, config, strategy, budget, cost))
+            bar.set_postfix(strategy=strategy, budget=budget, acc=f"{rows[-1]['accuracy']:.2f}")
+            bar.update(1)
+    return rows
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    d = EvalConfig()
+    g.add_argument("--task", default=d.task, help="one of: " + ", ".join(TASKS))
+    g.add_argument("--strategies", default=",".join(d.strategies), help=f"comma list of {', '.join(STRATEGIES)}")
+    g.add_argument("--budgets", default=",".join(map(str, d.budgets)), help="comma list of budgets")
+    g.add_argument("--num-problems", type=int, default=d.num_problems)
+    g.add_argument("--difficulty", type=int, default=d.difficulty, help="1 (easiest) .. 5")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--verifier", default=d.verifier, help=f"auto or one of {', '.join(VERIFIERS)}")
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    g.add_argument("--temperature", "-t", type=float, default=d.temperature)
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="step-level search depth")
+    g.add_argument("--out", default=d.out_dir, help="folder for the JSON and PNG plots")
+
+
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    def ints(text: str, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise ScalingError(f"invalid {name}={text!r}: expected comma-separated integers") from None
+
+    return EvalConfig(task=args.task, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+                      budgets=ints(args.budgets, "budgets"), num_problems=args.num_problems,
+                      difficulty=args.difficulty, seed=args.seed, verifier=args.verifier,
+                      max_tokens=args.max_tokens, temperature=args.temperature, max_steps=args.max_steps,
+                      out_dir=args.out)
+
+
+def run_eval(llm: Any, config: EvalConfig, model_name: str) -> int:
+    """Evaluate with a loaded `LLM`, print the table, write JSON + plots. Returns an exit code."""
+    from mixserve.scaling.report import format_table, write_outputs
+
+    num_params = sum(p.numel() for p in llm.model.parameters())
+    cost = ModelCost.from_hf_config(llm.checkpoint.hf_config, num_params)
+    rows = evaluate(llm.engine, llm.tokenizer, config, cost)
+    print(format_table(rows))
+    paths = write_outputs(rows, replace(config), model_name, Path(config.out_dir))
+    for path in paths:
+        print(f"[mixserve] wrote {path}")
+    return 0
+
+
+def config_dict(config: EvalConfig) -> dict[str, Any]:
+    return asdict(config)

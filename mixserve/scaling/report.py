@@ -1,0 +1,73 @@
+"""Eval output: a text table, a JSON file, and PNG plots of accuracy / coverage against samples,
+generated tokens and FLOPs (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [("strategy", "{:<10}"), ("budget", "{:>6}"), ("verifier", "{:<10}"), ("accuracy", "{:>8.3f}"),
+           ("coverage", "{:>8.3f}"), ("samples", "{:>7.1f}"), ("generated_tokens", "{:>9.0f}"),
+           ("prefill_tokens", "{:>8.0f}"), ("reused_tokens", "{:>8.0f}"), ("verifier_tokens", "{:>8.0f}"),
+           ("flops", "{:>9.2e}"), ("seconds", "{:>7.1f}")]
+HEADERS = ["strategy", "budget", "verifier", "accuracy", "coverage", "samples", "gen_tok", "prefill",
+           "reused", "verif_tok", "flops/q", "seconds"]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    widths = [max(len(h), len(fmt.format(rows[0][c]) if rows else "")) for h, (c, fmt) in
+              zip(HEADERS, COLUMNS, strict=True)]
+    lines = [" ".join(h.rjust(w) for h, w in zip(HEADERS, widths, strict=True))]
+    for row in rows:
+        lines.append(" ".join(fmt.format(row[c]).rjust(w) for (c, fmt), w in zip(COLUMNS, widths, strict=True)))
+    coverage = [r for r in rows if "pass_at_k" in r]
+    if coverage:
+        best = max(coverage, key=lambda r: r["budget"])
+        lines.append(f"unbiased pass@k (sample, N={best['budget']}): " +
+                     ", ".join(f"k={k}: {v:.3f}" for k, v in best["pass_at_k"].items()))
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict[str, Any]], config: Any, model: str, out_dir: Path) -> list[Path]:
+    from mixserve.scaling.evaluate import config_dict
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{Path(model).stem}-{config.task}-d{config.difficulty}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps({"model": model, "config": config_dict(config), "rows": rows}, indent=2))
+    title = f"{model} on {config.task} (difficulty {config.difficulty})"
+    return [json_path, plot(rows, out_dir / f"{stem}.png", title)]
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (x, label) in zip(axes, [("budget", "samples / particles (budget)"),
+                                     ("generated_tokens", "generated tokens per problem"),
+                                     ("flops", "estimated FLOPs per problem")], strict=True):
+        for strategy in dict.fromkeys(r["strategy"] for r in rows):
+            pts = sorted((r[x], r["accuracy"]) for r in rows if r["strategy"] == strategy)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+        sample = sorted((r for r in rows if r["strategy"] == "sample"), key=lambda r: r["budget"])
+        if sample:
+            pts = [(r[x], r["coverage"]) for r in sample]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", marker="x", label="coverage")
+            if x == "budget":
+                ks = sample[-1]["pass_at_k"]
+                ax.plot(list(map(int, ks)), list(ks.values()), "k:", label="pass@k (unbiased)")
+        ax.set_xscale("log", base=2 if x == "budget" else 10)
+        ax.set_xlabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
