@@ -103,9 +103,12 @@ class Run:
                 self._fold(index, item)
                 yield index, item
         finally:
-            for rid in added:
-                if rid not in self.finished:
-                    self.engine.abort(rid)
+            leftover = [rid for rid in added if rid not in self.finished]
+            for rid in leftover:
+                self.engine.abort(rid)
+            if added and (leftover or len(added) < len(self.ids)):
+                reasons = [c.finish_reason or "abort" for c in self.choices.values()] or ["abort"]
+                self.metrics.finish(self.timing, [len(p.token_ids) for p in self.prompts], reasons)
 
     def _fold(self, index: int, delta: RequestOutput) -> None:
         self.metrics.observe(self.timing, delta)
