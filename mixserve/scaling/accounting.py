@@ -66,6 +66,15 @@ class ComputeUsage:
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
 
+    def openai_usage(self) -> dict[str, object]:
+        """OpenAI `usage` for a strategy response: prompt = every context presented (policy and
+        verifier), cached = what was reused instead of prefilled, plus the full breakdown."""
+        prompt = self.policy_prompt_tokens + self.verifier_prompt_tokens
+        completion = self.total_generated_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.policy_reused_tokens + self.verifier_reused_tokens},
+                "scaling": self.to_dict()}
+
 
 @dataclass
 class _RequestTally:

@@ -67,7 +67,7 @@ def verifier_for(config: EvalConfig, strategy: str, task: Task, problem: Problem
 
 
 def prompt_ids(tokenizer: Any, problem: Problem) -> list[int]:
-    if getattr(tokenizer, "chat_template_is_default", True):
+    if tokenizer.chat_template_is_default:
         return list(tokenizer.encode(problem.question + "\n"))
     return list(tokenizer.encode_chat([{"role": "user", "content": problem.question}]))
 

@@ -38,7 +38,7 @@ class JudgeVerifier:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, question: str = QUESTION) -> JudgeVerifier:
         """Ask `question` as a new user turn after the candidate (chat models) or as plain text."""
-        if getattr(tokenizer, "chat_template_is_default", True):
+        if tokenizer.chat_template_is_default:
             suffix = f"\n\nQuestion: {question}\nAnswer:"
         else:
             full = tokenizer.apply_chat_template(
