@@ -50,12 +50,14 @@ setup_hf() {
 }
 
 setup_llamacpp() {
-  if has llamacpp "import llama_cpp"; then log "llamacpp: ready"; return; fi
+  if has llamacpp "import llama_cpp, llama_cpp.server.app"; then log "llamacpp: ready"; return; fi
   make_venv llamacpp
+  # its OpenAI server (llama_cpp.server) for benchmarks/bench_server.py
+  pip_in llamacpp fastapi uvicorn sse-starlette pydantic-settings starlette-context
   # Builds llama.cpp from source (~5 min on 2 cores). GGML_NATIVE tunes for this CPU (AVX-512 here).
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
     pip_in llamacpp --no-cache-dir llama-cpp-python
-  has llamacpp "import llama_cpp" && log "llamacpp: ready"
+  has llamacpp "import llama_cpp, llama_cpp.server.app" && log "llamacpp: ready"
 }
 
 setup_vllm() {
