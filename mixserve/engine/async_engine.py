@@ -40,6 +40,9 @@ class Controller(Protocol):
     @property
     def done(self) -> bool: ...
 
+    def cancel(self, engine: Engine) -> None:
+        """Abort everything still in flight (the caller went away or a callback failed)."""
+
     def result(self) -> Any: ...
 
 
@@ -224,6 +227,11 @@ class AsyncEngine:
     def _drop(self, controller: Controller, error: BaseException | None) -> None:
         for running in [r for r in self._controllers if r.controller is controller]:
             self._controllers.remove(running)
+            if not controller.done:
+                try:
+                    controller.cancel(self.engine)
+                except Exception as exc:  # noqa: BLE001 - still free what it owns below
+                    error = error or exc
             for request_id in [rid for rid in self.engine.groups if controller.owns(rid)]:
                 self.engine.abort_request(request_id)
             if running.future.done():

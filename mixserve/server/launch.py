@@ -13,17 +13,22 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from mixserve.config import EngineConfig
 from mixserve.engine.async_engine import AsyncEngine
+from mixserve.scaling import ModelCost
 from mixserve.server.app import build_app
 from mixserve.server.metrics import ServerMetrics
 from mixserve.server.params import Limits
+from mixserve.server.scaling import make_scaling_hook
 from mixserve.server.serving import ServerState
+
+if TYPE_CHECKING:
+    from mixserve.builder import LoadedModel
 
 log = logging.getLogger("mixserve.server")
 
@@ -46,10 +51,11 @@ class ServeOptions:
 
 def load_into(state: ServerState, config: EngineConfig, cache_dir: str | Path | None) -> None:
     """Build the engine for `config` and publish it on `state` (run in a background thread)."""
-    from mixserve.builder import build_engine
+    from mixserve.builder import load_model, wire_engine  # torch: only in the loader thread
 
     try:
-        built = build_engine(config, cache_dir=cache_dir)
+        loaded = load_model(config, cache_dir=cache_dir)
+        built = wire_engine(loaded, config)
     except Exception as exc:  # noqa: BLE001 - reported by /health and every route
         log.error("model load failed: %s", exc)
         state.load_error = f"{type(exc).__name__}: {exc}"
@@ -60,9 +66,17 @@ def load_into(state: ServerState, config: EngineConfig, cache_dir: str | Path | 
     state.limits = Limits(max_model_len=built.engine.info.max_model_len, vocab_size=built.engine.info.vocab_size,
                           max_num_seqs=config.scheduler.max_num_seqs)
     state.model_path = str(built.checkpoint.path)
-    state.metrics = ServerMetrics(state.model_name, stats=lambda: engine.stats)
+    state.metrics = ServerMetrics(state.model_name, stats=lambda: engine.stats,
+                                  extra=lambda: _expert_metrics(loaded))
+    num_params = sum(p.numel() for p in built.model.parameters())
+    state.scaling = make_scaling_hook(ModelCost.from_hf_config(built.checkpoint.hf_config, num_params))
     state.engine = engine
     log.info("model %s ready (%.1fs)", state.model_name, built.load_seconds)
+
+
+def _expert_metrics(loaded: LoadedModel) -> dict[str, float]:
+    """MoE expert-cache statistics as `expert_*` gauges (none when every expert is resident)."""
+    return {f"expert_{key}": float(value) for key, value in loaded.expert_stats().items()}
 
 
 def make_app(config: EngineConfig, options: ServeOptions) -> tuple[FastAPI, ServerState]:

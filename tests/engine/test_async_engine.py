@@ -147,6 +147,10 @@ class TwoSamples:
     def done(self) -> bool:
         return len(self.finished) == 2
 
+    def cancel(self, engine: Engine) -> None:
+        for rid in self.tokens:
+            engine.abort_request(rid)
+
     def result(self) -> dict[str, list[int]]:
         return self.tokens
 
