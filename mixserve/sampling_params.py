@@ -49,6 +49,8 @@ class SamplingParams:
     """Leave special tokens out of the detokenized text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling, bias in [-100, 100] (a dict is accepted)."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
     """Free-form fields passed through for strategies and the server; never read by the engine."""
 
@@ -58,6 +60,8 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         self._validate()
 
     def _validate(self) -> None:
@@ -96,6 +100,9 @@ class SamplingParams:
                 raise bad(name, value, "must be None or an integer in [0, 20]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", self.stop, "must be non-empty strings")
+        for token, value in self.logit_bias:
+            if not isinstance(token, int) or token < 0 or not _is_number(value) or not -100 <= value <= 100:
+                raise bad("logit_bias", dict(self.logit_bias), "must map token ids >= 0 to numbers in [-100, 100]")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")
 

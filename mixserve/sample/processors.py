@@ -39,6 +39,7 @@ def apply_penalties(z: torch.Tensor, rows: Sequence[SamplingRow], inv_temperatur
     """
     vocab_size = z.shape[1]
     flat = z.view(-1)
+    _logit_bias(flat, rows, vocab_size, inv_temperature)
     _repetition(flat, rows, vocab_size)
     _frequency_presence(flat, rows, vocab_size, inv_temperature)
     chosen = [i for i, row in enumerate(rows) if row.suppress_token_ids]
@@ -51,7 +52,18 @@ def needs_penalties(row: SamplingRow) -> bool:
     """True when `apply_penalties` would change this row's logits."""
     p = row.params
     return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-            or bool(row.suppress_token_ids))
+            or bool(row.suppress_token_ids) or bool(p.logit_bias))
+
+
+def _logit_bias(flat: torch.Tensor, rows: Sequence[SamplingRow], vocab_size: int,
+                inv_temperature: Sequence[float]) -> None:
+    """Add each row's bias to its raw logits: `z += bias / temperature` (z is already scaled)."""
+    chosen = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    if not chosen:
+        return
+    ids = [[t for t, _ in rows[i].params.logit_bias] for i in chosen]
+    values = [b * inv_temperature[i] for i in chosen for t, b in rows[i].params.logit_bias if 0 <= t < vocab_size]
+    flat.index_add_(0, _positions(ids, chosen, vocab_size), torch.tensor(values, dtype=flat.dtype))
 
 
 def _positions(id_lists: list[Sequence[int]], row_ids: list[int], vocab_size: int) -> torch.Tensor:

@@ -105,8 +105,7 @@ def sampling_params(body: _Sampling, *, max_tokens: int | None, logprobs: int | 
                     prompt_logprobs: int | None, limits: Limits, num_prompts: int,
                     longest_prompt: int) -> SamplingParams:
     """SamplingParams for every prompt of the request; ranges are checked by SamplingParams itself."""
-    if body.logit_bias:
-        raise ApiError(400, "invalid field logit_bias: not supported by this server", param="logit_bias")
+    bias = _logit_bias(body.logit_bias, limits.vocab_size)
     if body.n * num_prompts > limits.max_num_seqs:
         raise ApiError(400, f"invalid field n: n={body.n} x {num_prompts} prompt(s) exceeds the server's "
                        f"max_num_seqs={limits.max_num_seqs}", param="n")
@@ -127,9 +126,20 @@ def sampling_params(body: _Sampling, *, max_tokens: int | None, logprobs: int | 
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=body.skip_special_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output)
+            include_stop_str_in_output=body.include_stop_str_in_output, logit_bias=bias)
     except Exception as exc:  # noqa: BLE001 - SamplingError names the field
         raise as_api_error(exc) from exc
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id as a string": bias}` -> pairs; ids must be in the vocabulary."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise ApiError(400, f"invalid field logit_bias: key {key!r} is not a token id in [0, {vocab_size})",
+                           param="logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
 
 
 def check_token_ids(prompts: list[Prompt], limits: Limits) -> None:

@@ -141,6 +141,20 @@ def test_penalties_compose_in_vllm_order() -> None:
     assert z.tolist() == [[4.0, -1.0, 2.0], [2.0 - 2.5, -2.0 - 1.5, 1.0]]
 
 
+def test_logit_bias_hand_computed_and_scaled_by_temperature() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    r = row(SamplingParams(logit_bias={0: 5.0, 3: -1.0, 99: 7.0}))  # ids outside the vocabulary ignored
+    z = logits.clone()
+    apply_penalties(z, [r], [1.0])
+    assert z.tolist() == [[6.0, 2.0, 3.0, 3.0]]
+    z = logits * 0.5  # temperature 2: (logits + bias) / 2
+    apply_penalties(z, [r], [0.5])
+    assert z.tolist() == [[3.0, 1.0, 1.5, 1.5]]
+    assert Sampler()(logits, [row(SamplingParams(temperature=0.0, logit_bias={1: 2.5}))]).token_ids == [1]
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 101.0})
+
+
 def test_penalties_change_the_greedy_choice() -> None:
     logits = torch.tensor([[3.0, 2.9, 0.0, -5.0]])
     assert Sampler()(logits, [row(SamplingParams(temperature=0.0), output=[0])]).token_ids == [0]

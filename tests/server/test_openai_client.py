@@ -189,3 +189,14 @@ def test_tokenize_detokenize_round_trip(server: Server, offline: LLM) -> None:
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == text
     chat = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT}).json()
     assert chat["tokens"] == offline.tokenizer.encode(offline.chat_prompt(CHAT), add_special_tokens=False)
+
+
+def test_logit_bias_forces_and_bans_tokens(client: openai.OpenAI, offline: LLM) -> None:
+    forced = offline.encode(" banana")[0]
+    resp = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=3, temperature=0,
+                                     logit_bias={str(forced): 100})
+    assert resp.choices[0].text == offline.tokenizer.decode([forced] * 3)
+    greedy = offline.encode(offline_text(offline, PROMPTS[0], 1))[0]
+    banned = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=1, temperature=0,
+                                       logit_bias={str(greedy): -100})
+    assert banned.choices[0].text != offline_text(offline, PROMPTS[0], 1)
