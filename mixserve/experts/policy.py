@@ -7,7 +7,8 @@ policies are comparable across runs and in the offline simulator (`experts/simul
 - LRU: evict the least recently used (mixtral-offloading).
 - LFU: evict the least frequently used over the whole run (counts survive eviction), ties by recency.
 - LFRU: evict the lowest combined recency-frequency value (Lee et al.'s LRFU): every use adds 1 to a
-  score that halves every `half_life` accesses, so a hot-but-idle expert fades and a burst counts.
+  score that halves every `half_life` accesses (default 32: close to LFU on a steady skew, yet a
+  hot-but-idle expert fades within a few dozen steps).
 - Belady: evict the expert whose next use in the known future is farthest (optimal hit count for a
   known access sequence; the upper bound every online policy is measured against).
 """
@@ -59,7 +60,7 @@ class LFUPolicy:
 class LFRUPolicy:
     """Score `s(e) = sum over uses u of 2 ** (-(now - u) / half_life)`, kept incrementally."""
 
-    def __init__(self, half_life: float = 8.0) -> None:
+    def __init__(self, half_life: float = 32.0) -> None:
         if half_life <= 0:
             raise ValueError(f"LFRU half_life must be > 0, got {half_life}")
         self.decay = math.log(2) / half_life

@@ -1,0 +1,172 @@
+"""MoE under a memory budget: all-in-RAM vs mmap-under-limit vs on-demand vs LRU vs ours (LFRU + prefetch).
+
+    .venv/bin/python benchmarks/bench_moe.py --quick        # small model (4 layers, hidden 256): a minute
+    .venv/bin/python benchmarks/bench_moe.py                # OLMoE shape: 16 layers, 64 experts, top-8, bf16
+
+On a random-initialised OLMoE-shaped model (built once, layer by layer, into --work-dir, then packed),
+at budgets of 10/25/50/100% of expert bytes, for routing from a synthetic Zipf trace (skew, temporal
+locality, inter-layer affinity; replayed through the route-source seam, identical in every run) and
+the random model's own routing ("real": near-uniform, no locality), each configuration runs in a
+fresh child process:
+  (a) ram       all experts in RAM (no limit)
+  (b) mmap      plain mmap of the safetensors checkpoint, under the memory limit
+  (c) ondemand  read experts from the pack on every use, no cache, no prediction
+  (d) lru       budgeted cache, LRU
+  (e) ours      budgeted cache, LFRU + next-layer prefetch (affinity on synthetic routes, router on real)
+(b)-(e) run inside a cgroup v1 memory limit of budget + non-expert bytes + --overhead-mib (page cache
+counts), with the files' page cache dropped before each run; (c)-(e) read with O_DIRECT unless
+--buffered-io (then the page cache inside the same limit helps them as it helps mmap). It prints a
+table, the offline policy simulation (LRU/LFU/LFRU/Belady hit rates on the same synthetic trace) and
+the issue's targets; writes benchmarks/results/moe_<quick|full>_<stamp>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from moe_cgroup import drop_file_cache, run_limited  # noqa: E402
+from moe_checkpoint import MoeShape, build_checkpoint  # noqa: E402
+from moe_report import print_report, save_plot, targets  # noqa: E402
+
+from mixserve.experts.budgeted import BudgetedExpertProvider  # noqa: E402
+from mixserve.experts.cache import plan_capacity  # noqa: E402
+from mixserve.experts.pack import write_pack  # noqa: E402
+from mixserve.experts.simulate import compare_policies  # noqa: E402
+from mixserve.experts.store import ExpertStore  # noqa: E402
+from mixserve.experts.synthetic import SyntheticRouting, SyntheticRoutingConfig  # noqa: E402
+
+QUICK = MoeShape(num_hidden_layers=4, hidden_size=256, intermediate_size=128, num_experts=64,
+                 num_experts_per_tok=8, num_attention_heads=4, vocab_size=1024)
+MODES = ("ram", "mmap", "ondemand", "lru", "ours")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small model and short runs (checks the benchmark)")
+    p.add_argument("--work-dir", type=Path, default=None, help="checkpoint + pack (default benchmarks/work/moe_*)")
+    p.add_argument("--num-layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--budgets", default=None, help="fractions of expert bytes (default 0.1,0.25,0.5,1.0; "
+                                                    "--quick: 0.25,0.5)")
+    p.add_argument("--traces", default="zipf,real")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--prefill-tokens", type=int, default=None)
+    p.add_argument("--decode-tokens", type=int, default=None)
+    p.add_argument("--warmup-tokens", type=int, default=4)
+    p.add_argument("--zipf-alpha", type=float, default=1.2)
+    p.add_argument("--stickiness", type=float, default=0.5)
+    p.add_argument("--affinity", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--io-threads", type=int, default=4)
+    p.add_argument("--buffered-io", action="store_true",
+                   help="read the pack through the page cache (default O_DIRECT: cold reads measured 3.7x "
+                        "faster here, 1.3 vs 0.35 GB/s)")
+    p.add_argument("--overhead-mib", type=int, default=None, help="limit slack beyond experts + dense weights")
+    p.add_argument("--timeout-s", type=float, default=3600)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace) -> tuple[MoeShape, Path, Path]:
+    shape = QUICK if args.quick else MoeShape()
+    if args.num_layers:
+        shape = MoeShape(**{**shape.__dict__, "num_hidden_layers": args.num_layers})
+    work = args.work_dir or HERE / "work" / f"moe_{'quick' if args.quick else 'full'}_{shape.num_hidden_layers}l"
+    checkpoint = build_checkpoint(work / "checkpoint", shape)
+    pack = work / "pack"
+    if not (pack / "experts.json").is_file():
+        write_pack(checkpoint, pack, overwrite=True)
+    return shape, checkpoint, pack
+
+
+def simulate_policies(args: argparse.Namespace, shape: MoeShape, store: ExpertStore,
+                      budgets: list[float]) -> dict[str, dict[str, float]]:
+    """Hit rates of every policy (Belady = upper bound) on the synthetic decode trace, per budget."""
+    cfg = SyntheticRoutingConfig(tuple(store.layer_ids), shape.num_experts, shape.num_experts_per_tok,
+                                 zipf_alpha=args.zipf_alpha, stickiness=args.stickiness, affinity=args.affinity,
+                                 seed=0)
+    trace = SyntheticRouting(cfg).trace([1] * 512)
+    slot = BudgetedExpertProvider.slot_sizes(store, __import__("torch").bfloat16)
+    total = sum(slot.values()) * shape.num_experts
+    out = {}
+    for b in budgets:
+        cap = plan_capacity(store.layer_ids, shape.num_experts, slot, int(b * total))
+        out[f"{b:g}"] = {k: v.hit_rate for k, v in compare_policies(trace, cap).items()}
+    return out
+
+
+def child_cmd(spec: dict[str, Any]) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+
+
+def run_one(spec: dict[str, Any], limit: int | None, files: list[Path], timeout_s: float) -> dict[str, Any]:
+    drop_file_cache(files)
+    t0 = time.perf_counter()
+    res = run_limited(child_cmd(spec), limit, timeout_s)
+    row: dict[str, Any] = {**{k: spec[k] for k in ("mode", "trace", "budget")}, "limit_bytes": limit,
+                           "limited": res.limited, "limit_note": res.note, "cgroup_peak_bytes": res.max_usage_bytes,
+                           "wall_s": time.perf_counter() - t0}
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        row["error"] = f"exit {res.returncode}: {res.stderr.strip().splitlines()[-1:]}"
+    else:
+        row.update(json.loads(lines[-1]))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        from moe_runs import run
+
+        print(json.dumps(run(json.loads(args.child))))
+        return 0
+    shape, checkpoint, pack = prepare(args)
+    store = ExpertStore(pack, verify_checksums=False)
+    expert_bytes = store.total_nbytes()
+    dense_bytes = (pack / "model.safetensors").stat().st_size
+    budgets = [float(b) for b in (args.budgets or ("0.25,0.5" if args.quick else "0.1,0.25,0.5,1.0")).split(",")]
+    overhead = (args.overhead_mib or (384 if args.quick else 1024)) << 20
+    base = dict(checkpoint=str(checkpoint), pack=str(pack), threads=args.threads, io_threads=args.io_threads,
+                direct_io=not args.buffered_io, prefill_tokens=args.prefill_tokens or (32 if args.quick else 512),
+                decode_tokens=args.decode_tokens or (16 if args.quick else 64), warmup_tokens=args.warmup_tokens,
+                zipf_alpha=args.zipf_alpha, stickiness=args.stickiness, affinity=args.affinity, seed=0)
+    slot = BudgetedExpertProvider.slot_sizes(store, __import__("torch").bfloat16)
+    total_slots = sum(slot.values()) * shape.num_experts
+    modes = args.modes.split(",")
+    rows = []
+    for trace in args.traces.split(","):
+        if "ram" in modes:
+            rows.append(run_one({**base, "mode": "ram", "trace": trace, "budget": 1.0, "budget_bytes": total_slots},
+                                None, [checkpoint, pack], args.timeout_s))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+        for b in budgets:
+            budget_bytes = int(b * total_slots)
+            limit = budget_bytes + dense_bytes + overhead
+            for mode in [m for m in modes if m != "ram"]:
+                spec = {**base, "mode": mode, "trace": trace, "budget": b, "budget_bytes": budget_bytes}
+                rows.append(run_one(spec, limit, [checkpoint, pack], args.timeout_s))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    sim = simulate_policies(args, shape, store, budgets)
+    meta = {"shape": shape.__dict__, "expert_bytes": expert_bytes, "dense_bytes": dense_bytes,
+            "overhead_bytes": overhead, **{k: v for k, v in base.items() if k not in ("checkpoint", "pack")}}
+    result = {"meta": meta, "rows": rows, "policy_simulation": sim, "targets": targets(rows)}
+    print_report(result)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = HERE / "results" / f"moe_{'quick' if args.quick else 'full'}_{stamp}"
+    out.parent.mkdir(exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=lambda x: None))
+    save_plot(result, out.with_suffix(".png"))
+    print(f"wrote {out}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""One benchmark run of the MoE budget benchmark, in its own (possibly memory-limited) process.
+
+`run(spec)` builds the OLMoE-shaped model with the expert provider of `spec["mode"]`:
+  ram       every expert resident (bf16 stacks filled from the pack)
+  mmap      zero-copy views of the mmap'd checkpoint (page cache only)
+  ondemand  read on every use, nothing kept, no prediction
+  lru       BudgetedExpertProvider, LRU, no prediction
+  ours      BudgetedExpertProvider, LFRU + next-layer prefetch (router on real routing, affinity on
+            synthetic routing, where the router cannot see the replayed choice)
+then prefills `prefill_tokens` random ids in one forward pass and decodes greedily, timing both.
+With `trace == "zipf"` routing comes from `SyntheticRouting` (same seed in every run: identical
+routes across modes) through the replay seam. Returns one JSON-able dict.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from moe_baselines import MmapExpertProvider, OnDemandProvider
+
+from mixserve.experts.budgeted import BudgetedExpertProvider
+from mixserve.experts.predict import AffinityPredictor, RouterLookahead
+from mixserve.experts.provider import InMemoryExpertProvider
+from mixserve.experts.setup import ResidentExperts, fill_in_memory, moe_routers
+from mixserve.experts.store import ExpertStore
+from mixserve.experts.synthetic import SyntheticRouting, SyntheticRoutingConfig
+from mixserve.layers.attention import AttentionMetadata, KVCache
+from mixserve.layers.moe import set_route_source
+from mixserve.loading.checkpoint import open_weights
+from mixserve.models.base import model_class
+
+DTYPE = torch.bfloat16
+
+
+def _disk_read_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _provider(spec: dict[str, Any], store: ExpertStore) -> Any:
+    mode = spec["mode"]
+    if mode == "ram":
+        mem = InMemoryExpertProvider(store.layer_ids, store.num_experts, store.hidden_size,
+                                     store.intermediate_size).to(DTYPE)
+        fill_in_memory(mem, store, DTYPE)
+        return ResidentExperts(mem)
+    if mode == "mmap":
+        return MmapExpertProvider(Path(spec["checkpoint"]))
+    if mode == "ondemand":
+        return OnDemandProvider(store, spec["budget_bytes"], DTYPE, spec["io_threads"])
+    return BudgetedExpertProvider(store, spec["budget_bytes"], DTYPE, policy="lru" if mode == "lru" else "lfru",
+                                  io_threads=spec["io_threads"])
+
+
+def _build(spec: dict[str, Any]) -> tuple[Any, Any, ExpertStore]:
+    pack = Path(spec["pack"])
+    cfg, source = open_weights(pack)
+    with torch.device("cpu"):
+        model: Any = model_class(cfg)(cfg)
+    store = ExpertStore(pack, direct_io=spec["direct_io"], verify_checksums=False)
+    provider = _provider(spec, store)
+    model.set_expert_provider(provider)
+    model = model.to(DTYPE)
+    model.load_weights((n, t.to(DTYPE)) for n, t in source.iter_tensors())
+    if spec["mode"] == "ours" and isinstance(provider, BudgetedExpertProvider):
+        top_k = int(cfg["num_experts_per_tok"])
+        provider.predictor = (AffinityPredictor(store.layer_ids, store.num_experts, top_k)
+                              if spec["trace"] == "zipf" else RouterLookahead(moe_routers(model), top_k))
+    if spec["trace"] == "zipf":
+        set_route_source(model, SyntheticRouting(SyntheticRoutingConfig(
+            tuple(store.layer_ids), store.num_experts, int(cfg["num_experts_per_tok"]),
+            zipf_alpha=spec["zipf_alpha"], stickiness=spec["stickiness"], affinity=spec["affinity"],
+            seed=spec["seed"])))
+    return model.eval(), provider, store
+
+
+def _forward(model: Any, kv: list[KVCache], ids: list[int], start: int) -> int:
+    """Run `ids` at positions start.. of one sequence (slots = positions); returns the argmax token."""
+    n = len(ids)
+    positions = torch.arange(start, start + n)
+    meta = AttentionMetadata(query_lens=[n], seq_lens=[start + n], slot_mapping=positions,
+                             kv_slots=torch.arange(start + n)[None, :], q_index=None)
+    hidden = model(torch.tensor(ids), positions, meta, kv)
+    return int(model.compute_logits(hidden[-1:]).argmax())
+
+
+def _counters(provider: Any) -> dict[str, float]:
+    if isinstance(provider, BudgetedExpertProvider):
+        return provider.expert_stats()
+    if isinstance(provider, OnDemandProvider):
+        return {"expert_hit_rate": 0.0, "expert_bytes_read": float(provider.bytes_read),
+                "expert_stall_seconds": provider.stall_seconds, "expert_prefetch_recall": float("nan")}
+    return {}
+
+
+def _reset(provider: Any) -> None:
+    if isinstance(provider, BudgetedExpertProvider):
+        provider.reset_stats()
+    elif isinstance(provider, OnDemandProvider):
+        provider.bytes_read, provider.stall_seconds = 0, 0.0
+
+
+def _phase(provider: Any, tokens: int, seconds: float, disk0: int) -> dict[str, float]:
+    c = _counters(provider)
+    out = {"tok_s": tokens / seconds, "seconds": seconds,
+           "disk_bytes_per_token": (_disk_read_bytes() - disk0) / tokens}
+    if c:
+        out.update(hit_rate=c["expert_hit_rate"], bytes_per_token=c["expert_bytes_read"] / tokens,
+                   stall_share=c["expert_stall_seconds"] / seconds, recall=c["expert_prefetch_recall"])
+    return out
+
+
+@torch.inference_mode()
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(spec["threads"])
+    load_start = time.perf_counter()
+    model, provider, store = _build(spec)
+    load_s = time.perf_counter() - load_start
+    total = spec["prefill_tokens"] + spec["warmup_tokens"] + spec["decode_tokens"] + 1
+    kv = [(torch.zeros(total, h, d, dtype=DTYPE), torch.zeros(total, h, d, dtype=DTYPE))
+          for h, d in model.kv_cache_shapes()]
+    gen = torch.Generator().manual_seed(spec["seed"])
+    prompt = torch.randint(0, int(model.args.vocab_size), (spec["prefill_tokens"],), generator=gen).tolist()
+    _reset(provider)
+    disk0, start = _disk_read_bytes(), time.perf_counter()
+    token = _forward(model, kv, prompt, 0)
+    prefill = _phase(provider, len(prompt), time.perf_counter() - start, disk0)
+    pos = len(prompt)
+    for _ in range(spec["warmup_tokens"]):
+        token = _forward(model, kv, [token], pos)
+        pos += 1
+    _reset(provider)
+    disk0, start = _disk_read_bytes(), time.perf_counter()
+    for _ in range(spec["decode_tokens"]):
+        token = _forward(model, kv, [token], pos)
+        pos += 1
+    decode = _phase(provider, spec["decode_tokens"], time.perf_counter() - start, disk0)
+    if isinstance(provider, BudgetedExpertProvider):
+        provider.check()
+        decode["resident_bytes"] = float(provider.resident_nbytes())
+    return {"load_s": load_s, "prefill": prefill, "decode": decode,
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
