@@ -60,7 +60,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
             if x == "budget":
                 ks = sample[-1]["pass_at_k"]
                 ax.plot(list(map(int, ks)), list(ks.values()), "k:", label="pass@k (unbiased)")
-        ax.set_xscale("log", base=2 if x == "budget" else 10)
+        if all(r[x] > 0 for r in rows):  # FLOPs are 0 when the model cost is unknown
+            ax.set_xscale("log", base=2 if x == "budget" else 10)
         ax.set_xlabel(label)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
