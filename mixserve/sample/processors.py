@@ -61,7 +61,7 @@ def _logit_bias(flat: torch.Tensor, rows: Sequence[SamplingRow], vocab_size: int
     chosen = [i for i, row in enumerate(rows) if row.params.logit_bias]
     if not chosen:
         return
-    ids = [[t for t, _ in rows[i].params.logit_bias] for i in chosen]
+    ids: list[Sequence[int]] = [[t for t, _ in rows[i].params.logit_bias] for i in chosen]
     values = [b * inv_temperature[i] for i in chosen for t, b in rows[i].params.logit_bias if 0 <= t < vocab_size]
     flat.index_add_(0, _positions(ids, chosen, vocab_size), torch.tensor(values, dtype=flat.dtype))
 
