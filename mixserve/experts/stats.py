@@ -37,13 +37,20 @@ class ExpertStats:
     recall_total: dict[int, int] = field(default_factory=dict)
     """Per layer: true active experts at steps with a prediction."""
 
+    def __post_init__(self) -> None:
+        # Every key up front: `as_dict` may run on another thread (a /metrics scrape) while the
+        # compute thread records, and a dict that never changes size is safe to iterate then.
+        for i in self.layer_ids:
+            self.recall_hits.setdefault(i, 0)
+            self.recall_total.setdefault(i, 0)
+
     def begin_step(self, num_tokens: int) -> None:
         self.steps += 1
         self.tokens += num_tokens
 
     def record_recall(self, layer_idx: int, num_predicted_true: int, num_true: int) -> None:
-        self.recall_hits[layer_idx] = self.recall_hits.get(layer_idx, 0) + num_predicted_true
-        self.recall_total[layer_idx] = self.recall_total.get(layer_idx, 0) + num_true
+        self.recall_hits[layer_idx] += num_predicted_true
+        self.recall_total[layer_idx] += num_true
 
     def layer_recall(self) -> dict[int, float]:
         return {i: (self.recall_hits[i] / self.recall_total[i] if self.recall_total.get(i) else math.nan)
