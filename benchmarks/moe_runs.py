@@ -144,5 +144,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if isinstance(provider, BudgetedExpertProvider):
         provider.check()
         decode["resident_bytes"] = float(provider.resident_nbytes())
+        decode["layer_recall"] = {str(k): v for k, v in provider.layer_recall().items()}
     return {"load_s": load_s, "prefill": prefill, "decode": decode,
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
