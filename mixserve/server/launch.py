@@ -76,7 +76,7 @@ def load_into(state: ServerState, config: EngineConfig, cache_dir: str | Path | 
 
 def _expert_metrics(loaded: LoadedModel) -> dict[str, float]:
     """MoE expert-cache statistics as `expert_*` gauges (none when every expert is resident)."""
-    return {f"expert_{key}": float(value) for key, value in loaded.expert_stats().items()}
+    return {key: float(value) for key, value in loaded.expert_stats().items()}  # keys start with expert_
 
 
 def make_app(config: EngineConfig, options: ServeOptions) -> tuple[FastAPI, ServerState]:
