@@ -78,6 +78,12 @@ class LLM:
         other._setup(config, self.loaded, seed)
         return other
 
+    def cost(self) -> Any:
+        """The model's `mixserve.scaling.ModelCost` (FLOPs estimates for compute accounting)."""
+        from mixserve.scaling import ModelCost
+
+        return ModelCost.from_model(self.checkpoint.hf_config, self.model)
+
     def expert_stats(self) -> dict[str, float]:
         """MoE expert-cache counters of this model (shared by `with_config` copies): hit rate, bytes
         read per token, prefetch recall, stall seconds, ...; empty when experts are all resident."""
@@ -138,12 +144,10 @@ class LLM:
 
         >>> llm.scale("What is 17 * 23?", strategy="bom", budget=16, verifier="judge").answer
         """
-        from mixserve.scaling import ModelCost, make_strategy, run_strategy
+        from mixserve.scaling import make_strategy, run_strategy
 
-        num_params = sum(p.numel() for p in self.model.parameters())
-        cost = ModelCost.from_hf_config(self.checkpoint.hf_config, num_params)
         made = make_strategy(strategy, self.encode(prompt), budget, params, verifier, self.tokenizer,
-                             cost=cost, **options)
+                             cost=self.cost(), **options)
         return run_strategy(self.engine, made)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:

@@ -10,7 +10,7 @@ re-sends the prefix for every sample or step would prefill); "prefill" is what t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from mixserve.outputs import RequestOutput
@@ -30,6 +30,11 @@ class ModelCost:
 
     def flops(self, num_tokens: float, mean_context: float) -> float:
         return num_tokens * (2.0 * self.num_params + 4.0 * self.num_layers * self.attention_dim * mean_context)
+
+    @classmethod
+    def from_model(cls, hf_config: dict, model: Any) -> ModelCost:
+        """The cost of a loaded model (`model.parameters()` counted once)."""
+        return cls.from_hf_config(hf_config, sum(p.numel() for p in model.parameters()))
 
     @classmethod
     def from_hf_config(cls, hf_config: dict, num_params: int) -> ModelCost:

@@ -152,9 +152,7 @@ def run_eval(llm: Any, config: EvalConfig, model_name: str) -> int:
     """Evaluate with a loaded `LLM`, print the table, write JSON + plots. Returns an exit code."""
     from mixserve.scaling.report import format_table, write_outputs
 
-    num_params = sum(p.numel() for p in llm.model.parameters())
-    cost = ModelCost.from_hf_config(llm.checkpoint.hf_config, num_params)
-    rows = evaluate(llm.engine, llm.tokenizer, config, cost)
+    rows = evaluate(llm.engine, llm.tokenizer, config, llm.cost())
     print(format_table(rows))
     paths = write_outputs(rows, replace(config), model_name, Path(config.out_dir))
     for path in paths:

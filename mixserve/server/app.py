@@ -131,34 +131,37 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Any:
-        async def run() -> Any:
-            body = await parse_body(request, TokenizeRequest, state)
-            _check_model(state, body)
-            state.ready()
-            if (body.prompt is None) == (body.messages is None):
-                raise ApiError(400, "exactly one of prompt and messages is required", param="prompt")
-            if body.messages is not None:
-                chat = ChatCompletionRequest(messages=body.messages,
-                                             add_generation_prompt=body.add_generation_prompt)
-                ids = chat_prompt(chat, state.tokenizer).token_ids
-            else:
-                ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-            assert state.limits is not None
-            return {"tokens": ids, "count": len(ids), "max_model_len": state.limits.max_model_len}
-        return await guarded(run)
+        return await guarded(lambda: _tokenize(state, request))
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Any:
-        async def run() -> Any:
-            body = await parse_body(request, DetokenizeRequest, state)
-            _check_model(state, body)
-            state.ready()
-            assert state.limits is not None
-            bad = [t for t in body.tokens if not 0 <= t < state.limits.vocab_size]
-            if bad:
-                raise ApiError(400, f"invalid field tokens: token id {bad[0]} is outside the vocabulary "
-                               f"[0, {state.limits.vocab_size})", param="tokens")
-            return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
-        return await guarded(run)
+        return await guarded(lambda: _detokenize(state, request))
 
     return app
+
+
+async def _tokenize(state: ServerState, request: Request) -> dict[str, Any]:
+    body = await parse_body(request, TokenizeRequest, state)
+    _check_model(state, body)
+    state.ready()
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "exactly one of prompt and messages is required", param="prompt")
+    if body.messages is not None:
+        chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
+        ids = chat_prompt(chat, state.tokenizer).token_ids
+    else:
+        ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    assert state.limits is not None
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.limits.max_model_len}
+
+
+async def _detokenize(state: ServerState, request: Request) -> dict[str, Any]:
+    body = await parse_body(request, DetokenizeRequest, state)
+    _check_model(state, body)
+    state.ready()
+    assert state.limits is not None
+    bad = [t for t in body.tokens if not 0 <= t < state.limits.vocab_size]
+    if bad:
+        raise ApiError(400, f"invalid field tokens: token id {bad[0]} is outside the vocabulary "
+                       f"[0, {state.limits.vocab_size})", param="tokens")
+    return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}

@@ -13,7 +13,7 @@ from mixserve.server.errors import ApiError
 from mixserve.server.formats import Choice, chat_logprobs, finish_fields
 from mixserve.server.params import chat_params, chat_prompt
 from mixserve.server.protocol import ChatCompletionRequest
-from mixserve.server.serving import Run, ServerState, collect, new_id, stream_frames
+from mixserve.server.serving import Run, ServerState, collect, new_id, scaled_response, stream_frames
 
 
 class _Shape:
@@ -64,12 +64,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     prompt = chat_prompt(body, state.tokenizer)
     params = chat_params(body, prompt, state.limits)
     if body.strategy is not None:
-        if state.scaling is None:
-            raise ApiError(400, "invalid field strategy: inference-time scaling is not available on this "
-                           "server", param="strategy")
-        if body.stream:
-            raise ApiError(400, "invalid field strategy: needs stream=false", param="strategy")
-        return JSONResponse(await state.scaling(state, body, prompt, params, "chat.completion"))
+        return await scaled_response(state, body, [prompt], params, "chat.completion")
     run = Run(state, new_id("chatcmpl"), [prompt], params)
     shape = _Shape(state, body, run)
     if body.stream:

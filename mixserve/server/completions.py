@@ -13,7 +13,7 @@ from mixserve.server.errors import ApiError
 from mixserve.server.formats import Choice, completion_logprobs, finish_fields
 from mixserve.server.params import completion_params, completion_prompts
 from mixserve.server.protocol import CompletionRequest
-from mixserve.server.serving import Run, ServerState, collect, new_id, stream_frames
+from mixserve.server.serving import Run, ServerState, collect, new_id, scaled_response, stream_frames
 
 
 class _Shape:
@@ -78,7 +78,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     prompts = completion_prompts(body, state.tokenizer)
     params, score_only = completion_params(body, prompts, engine_limits)
     if body.strategy is not None:
-        return await _scaled(state, body, prompts, params)
+        return await scaled_response(state, body, prompts, params, "text_completion")
     run = Run(state, new_id("cmpl"), prompts, params)
     shape = _Shape(state, body, run, score_only)
     if body.stream:
@@ -94,12 +94,3 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         raise ApiError(500, f"generation failed: {message}")
     choices = [shape.full(run.choices[i]) for i in sorted(run.choices)]
     return JSONResponse({**shape.head(), "choices": choices, "usage": run.usage(score_only).as_dict()})
-
-
-async def _scaled(state: ServerState, body: CompletionRequest, prompts: list[Any], params: Any) -> Any:
-    if state.scaling is None:
-        raise ApiError(400, "invalid field strategy: inference-time scaling is not available on this server",
-                       param="strategy")
-    if len(prompts) != 1 or body.stream:
-        raise ApiError(400, "invalid field strategy: needs exactly one prompt and stream=false", param="strategy")
-    return JSONResponse(await state.scaling(state, body, prompts[0], params, "text_completion"))

@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -26,9 +26,6 @@ from mixserve.server.metrics import ServerMetrics
 from mixserve.server.params import Limits
 from mixserve.server.scaling import make_scaling_hook
 from mixserve.server.serving import ServerState
-
-if TYPE_CHECKING:
-    from mixserve.builder import LoadedModel
 
 log = logging.getLogger("mixserve.server")
 
@@ -67,16 +64,10 @@ def load_into(state: ServerState, config: EngineConfig, cache_dir: str | Path | 
                           max_num_seqs=config.scheduler.max_num_seqs)
     state.model_path = str(built.checkpoint.path)
     state.metrics = ServerMetrics(state.model_name, stats=lambda: engine.stats,
-                                  extra=lambda: _expert_metrics(loaded))
-    num_params = sum(p.numel() for p in built.model.parameters())
-    state.scaling = make_scaling_hook(ModelCost.from_hf_config(built.checkpoint.hf_config, num_params))
+                                  extra=loaded.expert_stats)  # keys already start with expert_
+    state.scaling = make_scaling_hook(ModelCost.from_model(built.checkpoint.hf_config, built.model))
     state.engine = engine
     log.info("model %s ready (%.1fs)", state.model_name, built.load_seconds)
-
-
-def _expert_metrics(loaded: LoadedModel) -> dict[str, float]:
-    """MoE expert-cache statistics as `expert_*` gauges (none when every expert is resident)."""
-    return {key: float(value) for key, value in loaded.expert_stats().items()}  # keys start with expert_
 
 
 def make_app(config: EngineConfig, options: ServeOptions) -> tuple[FastAPI, ServerState]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from mixserve.engine.async_engine import AsyncEngine
 from mixserve.outputs import RequestOutput
@@ -156,6 +157,17 @@ async def collect(run: Run, request: Request) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def scaled_response(state: ServerState, body: Any, prompts: list[Prompt], params: SamplingParams,
+                          obj: str) -> JSONResponse:
+    """A `strategy` request: one prompt, no streaming, answered by the scaling hook."""
+    if state.scaling is None:
+        raise ApiError(400, "invalid field strategy: inference-time scaling is not available on this server",
+                       param="strategy")
+    if len(prompts) != 1 or body.stream:
+        raise ApiError(400, "invalid field strategy: needs exactly one prompt and stream=false", param="strategy")
+    return JSONResponse(await state.scaling(state, body, prompts[0], params, obj))
 
 
 def sse(payload: dict[str, Any]) -> str:
