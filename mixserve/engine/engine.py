@@ -139,7 +139,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One scheduling + forward + sampling round; returns deltas of requests that changed."""
         out = self.scheduler.schedule()
-        changed: set[str] = set()
+        changed: dict[str, None] = {}  # an ordered set: outputs come in scheduling order, run after run
         if not out.is_empty:
             result = self._execute(out)
             self.scheduler.update(out)
@@ -166,8 +166,8 @@ class Engine:
             merged.errors.update(part.errors)
         return merged
 
-    def _apply(self, out: SchedulerOutput, result: RunnerOutput) -> set[str]:
-        changed = set()
+    def _apply(self, out: SchedulerOutput, result: RunnerOutput) -> dict[str, None]:
+        changed: dict[str, None] = {}
         now = time.monotonic()
         for seq in out.seqs:
             request = seq.request
@@ -180,7 +180,7 @@ class Engine:
                 self.counters["errors"] += 1
                 group.fail(request, result.errors[rid])
                 self._finish(request)
-                changed.add(group.request_id)
+                changed[group.request_id] = None
                 continue
             if rid in result.prompt_logprobs:
                 group.add_prompt_logprobs(result.prompt_logprobs[rid])
@@ -193,7 +193,7 @@ class Engine:
                     self._pause(request)
                 elif request.finished or request.finish_reason is not None:
                     self._finish(request)
-                changed.add(group.request_id)
+                changed[group.request_id] = None
         return changed
 
     def _fork_ready(self) -> None:
@@ -221,7 +221,7 @@ class Engine:
         self.scheduler.finish(request)
         self.requests.pop(request.request_id, None)
 
-    def _collect(self, changed: set[str]) -> list[RequestOutput]:
+    def _collect(self, changed: dict[str, None]) -> list[RequestOutput]:
         outputs = []
         for group_id in changed:
             group = self.groups[group_id]
