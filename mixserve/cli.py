@@ -137,6 +137,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from mixserve.server.limits import LIMIT_HELP, RequestLimits, flag_name
+
+    g = p.add_argument_group("request limits")
+    for f in fields(RequestLimits):
+        default = getattr(RequestLimits(), f.name)
+        g.add_argument(flag_name(f.name), dest=f.name, type=type(default), default=default,
+                       help=f"{LIMIT_HELP[f.name]} (default: %(default)s)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -144,9 +156,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = engine_config(args)
     config = replace(config, scheduler=replace(config.scheduler, max_num_waiting=args.max_num_waiting))
+    from mixserve.server.limits import LIMIT_HELP, RequestLimits
+
+    limits = RequestLimits(**{name: getattr(args, name) for name in LIMIT_HELP})
     options = ServeOptions(host=args.host, port=args.port, served_model_name=args.served_model_name,
                            shutdown_timeout_s=args.shutdown_timeout, reject_unknown_fields=args.reject_unknown_fields,
-                           cache_dir=args.cache_dir, log_level=args.log_level)
+                           cache_dir=args.cache_dir, log_level=args.log_level, limits=limits)
     return serve(config, options)
 
 
@@ -217,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--reject-unknown-fields", action="store_true",
                      help="answer 400 to unknown request fields instead of ignoring them")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_limit_args(srv)
     _add_model_args(srv)
     srv.set_defaults(func=cmd_serve)
     models = sub.add_parser("models", help="list known models")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+"""Seeds accepted: integers in [-2**63, 2**64 - 1], the range `torch.Generator.manual_seed` takes."""
 
 
 class SamplingError(ValueError):
@@ -30,7 +35,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     """Subtracted per occurrence from the logit of tokens already generated, in [-2, 2]."""
     seed: int | None = None
-    """Per-request seed: the same seed gives the same tokens whatever else is in the batch."""
+    """Per-request seed: the same seed gives the same tokens whatever else is in the batch.
+    Any integer in [SEED_MIN, SEED_MAX] = [-2**63, 2**64 - 1]."""
     max_tokens: int | None = 16
     """Maximum number of generated tokens per sample; None means up to the context length."""
     min_tokens: int = 0
@@ -92,8 +98,9 @@ class SamplingParams:
             raise bad("min_tokens", self.min_tokens, "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "must be None or an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise bad("seed", self.seed, "must be None or an integer in [-2**63, 2**64 - 1]")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
@@ -113,4 +120,7 @@ class SamplingParams:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    """A real, finite number (not a bool, NaN or an infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)

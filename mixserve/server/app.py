@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from mixserve.server.chat import create_chat_completion
 from mixserve.server.completions import create_completion
 from mixserve.server.errors import ApiError, as_api_error, error_response, install_error_handlers
-from mixserve.server.params import chat_prompt
+from mixserve.server.guards import decode_json, field_name, header_value, offload, read_body
+from mixserve.server.openapi import install_openapi
 from mixserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,30 +24,31 @@ from mixserve.server.protocol import (
     _Body,
 )
 from mixserve.server.serving import ServerState
+from mixserve.server.tokenization import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("mixserve.server")
 B = TypeVar("B", bound=_Body)
 
 
 async def parse_body(request: Request, model: type[B], state: ServerState) -> B:
-    """JSON body -> `model`; errors name the field and the value; unknown fields are ignored or rejected."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}")
-    try:
-        body = model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from exc
+    """JSON body -> `model` under `state.request_limits`; errors name the field; unknown fields are ignored
+    (logged, reported in a header) or rejected. Parsing and validation run off the event loop."""
+    raw = await read_body(request, state.request_limits)
+    body = await offload(_decode, raw, model, state)
     if body.unknown_fields:
         if state.reject_unknown_fields:
-            name = body.unknown_fields[0]
+            name = field_name((body.unknown_fields[0],))
             raise ApiError(400, f"unknown field {name} (this server rejects unknown fields)", param=name)
-        log.info("ignoring unknown fields %s", body.unknown_fields)
+        log.info("ignoring unknown fields %s", [field_name((n,)) for n in body.unknown_fields])
     return body
+
+
+def _decode(raw: bytes, model: type[B], state: ServerState) -> B:
+    data = decode_json(raw, state.request_limits)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
@@ -54,7 +56,7 @@ def _validation_error(exc: ValidationError) -> ApiError:
     parts = [str(p) for p in first["loc"]]
     # drop pydantic's union-branch markers (`str`, `list[int]`, ...) from the field path
     parts = [p for p in parts if not (p in ("str", "int", "float", "bool") or "[" in p)]
-    name = ".".join(parts) or "body"
+    name = field_name(tuple(parts))
     if first["type"] == "missing":
         return ApiError(400, f"missing required field {name}", param=name)
     shown = json.dumps(first.get("input"), default=str)[:80]
@@ -73,6 +75,7 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
     app = FastAPI(title="mixserve", version="0.1.0", lifespan=lifespan)
     app.state.mixserve = state
     install_error_handlers(app)
+    install_openapi(app)
 
     async def guarded(run: Callable[[], Awaitable[Any]]) -> Any:
         try:
@@ -81,7 +84,9 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
             err = as_api_error(exc)
             if state.metrics is not None:
                 state.metrics.error(err.status)
-            if err.status >= 500 and err.status != 503:
+            if err.status == 499:
+                log.info("client went away (499): %s", err.message)
+            elif err.status >= 500 and err.status != 503:
                 log.exception("request failed")
             return error_response(err)
 
@@ -92,7 +97,7 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
             _check_model(state, body)
             response = await handler(state, body, request)
             if body.unknown_fields and isinstance(response, Response):
-                response.headers["x-mixserve-ignored-fields"] = ",".join(body.unknown_fields)
+                response.headers["x-mixserve-ignored-fields"] = header_value(body.unknown_fields)
             return response
         return await guarded(run)
 
@@ -130,38 +135,31 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
-    async def tokenize(request: Request) -> Any:
-        return await guarded(lambda: _tokenize(state, request))
+    async def tokenize_route(request: Request) -> Any:
+        async def run() -> Any:
+            body = await parse_body(request, TokenizeRequest, state)
+            _check_model(state, body)
+            return await big_json(await tokenize(state, body))
+        return await guarded(run)
 
     @app.post("/detokenize")
-    async def detokenize(request: Request) -> Any:
-        return await guarded(lambda: _detokenize(state, request))
+    async def detokenize_route(request: Request) -> Any:
+        async def run() -> Any:
+            body = await parse_body(request, DetokenizeRequest, state)
+            _check_model(state, body)
+            return await big_json(await detokenize(state, body))
+        return await guarded(run)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> Any:
+        async def run() -> Any:
+            return tokenizer_info(state)
+        return await guarded(run)
 
     return app
 
 
-async def _tokenize(state: ServerState, request: Request) -> dict[str, Any]:
-    body = await parse_body(request, TokenizeRequest, state)
-    _check_model(state, body)
-    state.ready()
-    if (body.prompt is None) == (body.messages is None):
-        raise ApiError(400, "exactly one of prompt and messages is required", param="prompt")
-    if body.messages is not None:
-        chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
-        ids = chat_prompt(chat, state.tokenizer).token_ids
-    else:
-        ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    assert state.limits is not None
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.limits.max_model_len}
-
-
-async def _detokenize(state: ServerState, request: Request) -> dict[str, Any]:
-    body = await parse_body(request, DetokenizeRequest, state)
-    _check_model(state, body)
-    state.ready()
-    assert state.limits is not None
-    bad = [t for t in body.tokens if not 0 <= t < state.limits.vocab_size]
-    if bad:
-        raise ApiError(400, f"invalid field tokens: token id {bad[0]} is outside the vocabulary "
-                       f"[0, {state.limits.vocab_size})", param="tokens")
-    return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+async def big_json(payload: dict[str, Any]) -> Response:
+    """A JSON response rendered off the event loop (token lists can be millions long)."""
+    text = await offload(json.dumps, payload, ensure_ascii=False, separators=(",", ":"))
+    return Response(text.encode("utf-8"), media_type="application/json")

@@ -6,14 +6,23 @@ import time
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from mixserve.outputs import RequestOutput
 from mixserve.server.errors import ApiError
 from mixserve.server.formats import Choice, chat_logprobs, finish_fields
+from mixserve.server.guards import offload
 from mixserve.server.params import chat_params, chat_prompt
 from mixserve.server.protocol import ChatCompletionRequest
-from mixserve.server.serving import Run, ServerState, collect, new_id, scaled_response, stream_frames
+from mixserve.server.serving import (
+    Run,
+    RunStreamingResponse,
+    ServerState,
+    collect,
+    new_id,
+    scaled_response,
+    stream_frames,
+)
 
 
 class _Shape:
@@ -61,7 +70,7 @@ class _Shape:
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Any:
     state.ready()
     assert state.limits is not None
-    prompt = chat_prompt(body, state.tokenizer)
+    prompt = await offload(chat_prompt, body, state.tokenizer)
     params = chat_params(body, prompt, state.limits)
     if body.strategy is not None:
         return await scaled_response(state, body, [prompt], params, "chat.completion")
@@ -73,8 +82,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                 return []
             return [{**shape.head("chat.completion.chunk"), "choices": [], "usage": run.usage().as_dict()}]
 
-        return StreamingResponse(stream_frames(run, shape.chunks, shape.first, last),
-                                 media_type="text/event-stream")
+        await run.start()  # what the engine rejects is a 4xx, not an error frame after a 200
+        return RunStreamingResponse(run, stream_frames(run, shape.chunks, shape.first, last))
     await collect(run, request)
     if (message := run.failed()) is not None:
         raise ApiError(500, f"generation failed: {message}")

@@ -6,14 +6,23 @@ import time
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from mixserve.outputs import RequestOutput
 from mixserve.server.errors import ApiError
 from mixserve.server.formats import Choice, completion_logprobs, finish_fields
+from mixserve.server.guards import offload
 from mixserve.server.params import completion_params, completion_prompts
 from mixserve.server.protocol import CompletionRequest
-from mixserve.server.serving import Run, ServerState, collect, new_id, scaled_response, stream_frames
+from mixserve.server.serving import (
+    Run,
+    RunStreamingResponse,
+    ServerState,
+    collect,
+    new_id,
+    scaled_response,
+    stream_frames,
+)
 
 
 class _Shape:
@@ -75,7 +84,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     engine_limits = state.limits
     state.ready()
     assert engine_limits is not None
-    prompts = completion_prompts(body, state.tokenizer)
+    prompts = await offload(completion_prompts, body, state.tokenizer, engine_limits)
     params, score_only = completion_params(body, prompts, engine_limits)
     if body.strategy is not None:
         return await scaled_response(state, body, prompts, params, "text_completion")
@@ -87,8 +96,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
                 return []
             return [{**shape.head(), "choices": [], "usage": run.usage(score_only).as_dict()}]
 
-        return StreamingResponse(stream_frames(run, shape.chunks, lambda: [], last),
-                                 media_type="text/event-stream")
+        await run.start()  # what the engine rejects is a 4xx, not an error frame after a 200
+        return RunStreamingResponse(run, stream_frames(run, shape.chunks, lambda: [], last))
     await collect(run, request)
     if (message := run.failed()) is not None:
         raise ApiError(500, f"generation failed: {message}")

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from mixserve.config import ConfigError
 from mixserve.engine.async_engine import EngineDeadError
@@ -16,7 +17,8 @@ from mixserve.engine.engine import QueueFullError, RequestError
 from mixserve.sampling_params import SamplingError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+          429: "rate_limit_error", 499: "client_closed_request",
           500: "server_error", 503: "unavailable_error"}
 
 
@@ -54,6 +56,8 @@ def as_api_error(exc: BaseException) -> ApiError:
     """Map engine/sampling exceptions to an ApiError; anything unexpected is a 500 naming its type."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ClientDisconnect):
+        return ApiError(499, "client disconnected", code="client_disconnected")
     if isinstance(exc, SamplingError | ConfigError):
         match = _PARAM.search(str(exc))
         return ApiError(400, str(exc), param=match.group(1) if match else None)

@@ -47,14 +47,22 @@ class Usage:
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}, **self.extra}
 
 
+MIN_LOGPROB = -9999.0
+"""What a logprob of -inf (or NaN) is sent as: JSON has no infinities (vLLM sends the same value)."""
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB
+
+
 def _chosen(entry: TokenLogprobs, token_id: int) -> float:
     lp = entry.get(token_id)
-    return lp.logprob if lp is not None else float("-inf")
+    return _finite(lp.logprob) if lp is not None else MIN_LOGPROB
 
 
 def _top(entry: TokenLogprobs, k: int) -> list[tuple[int, float]]:
     ranked = sorted(entry.items(), key=lambda kv: kv[1].rank)
-    return [(tid, lp.logprob) for tid, lp in ranked if lp.rank <= k]
+    return [(tid, _finite(lp.logprob)) for tid, lp in ranked if lp.rank <= k]
 
 
 def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs | None], k: int, text: TokenText,

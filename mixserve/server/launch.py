@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from mixserve.config import EngineConfig
 from mixserve.engine.async_engine import AsyncEngine
 from mixserve.scaling import ModelCost
 from mixserve.server.app import build_app
+from mixserve.server.http import uvicorn_config
+from mixserve.server.limits import RequestLimits
 from mixserve.server.metrics import ServerMetrics
 from mixserve.server.params import Limits
 from mixserve.server.scaling import make_scaling_hook
@@ -44,6 +46,8 @@ class ServeOptions:
     """400 on request fields this server does not know (default: ignore them, as vLLM does)."""
     cache_dir: str | None = None
     log_level: str = "info"
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """Body size, JSON depth, string length and connection timeouts (see `RequestLimits`)."""
 
 
 def load_into(state: ServerState, config: EngineConfig, cache_dir: str | Path | None) -> None:
@@ -72,7 +76,7 @@ def load_into(state: ServerState, config: EngineConfig, cache_dir: str | Path | 
 
 def make_app(config: EngineConfig, options: ServeOptions) -> tuple[FastAPI, ServerState]:
     state = ServerState(model_name=options.served_model_name or config.model.model,
-                        reject_unknown_fields=options.reject_unknown_fields)
+                        reject_unknown_fields=options.reject_unknown_fields, request_limits=options.limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -91,9 +95,9 @@ def make_app(config: EngineConfig, options: ServeOptions) -> tuple[FastAPI, Serv
 def serve(config: EngineConfig, options: ServeOptions) -> int:
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, _ = make_app(config, options)
-    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                                           timeout_graceful_shutdown=int(options.shutdown_timeout_s),
-                                           access_log=False))
+    server = uvicorn.Server(uvicorn_config(app, options.limits, host=options.host, port=options.port,
+                                           log_level=options.log_level, access_log=False,
+                                           timeout_graceful_shutdown=int(options.shutdown_timeout_s)))
     # uvicorn re-raises the signal it handled once it has shut down; a no-op handler makes that a clean exit 0.
     previous: dict[int, Any] = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM,)}
     try:

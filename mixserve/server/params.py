@@ -28,8 +28,11 @@ class Prompt:
     text: str | None
 
 
-def completion_prompts(body: CompletionRequest, tokenizer: Any) -> list[Prompt]:
-    """`prompt` as a string, a list of strings, a token list or a list of token lists."""
+def completion_prompts(body: CompletionRequest, tokenizer: Any, limits: Limits | None = None) -> list[Prompt]:
+    """`prompt` as a string, a list of strings, a token list or a list of token lists.
+
+    With `limits`, the number of prompts x n is checked before anything is tokenized.
+    """
     p = body.prompt
     if isinstance(p, str):
         items: list[str | list[int]] = [p]
@@ -39,6 +42,8 @@ def completion_prompts(body: CompletionRequest, tokenizer: Any) -> list[Prompt]:
         items = list(p)  # type: ignore[arg-type]
     if not items:
         raise ApiError(400, "invalid field prompt: must not be empty", param="prompt")
+    if limits is not None:
+        _check_num_seqs(body, len(items), limits)
     prompts = []
     for item in items:
         if isinstance(item, str):
@@ -106,9 +111,7 @@ def sampling_params(body: _Sampling, *, max_tokens: int | None, logprobs: int | 
                     longest_prompt: int) -> SamplingParams:
     """SamplingParams for every prompt of the request; ranges are checked by SamplingParams itself."""
     bias = _logit_bias(body.logit_bias, limits.vocab_size)
-    if body.n * num_prompts > limits.max_num_seqs:
-        raise ApiError(400, f"invalid field n: n={body.n} x {num_prompts} prompt(s) exceeds the server's "
-                       f"max_num_seqs={limits.max_num_seqs}", param="n")
+    _check_num_seqs(body, num_prompts, limits)
     room = limits.max_model_len - longest_prompt
     if max_tokens is not None and max_tokens > room:
         raise ApiError(400, f"invalid field max_tokens: the context length is {limits.max_model_len} tokens; "
@@ -119,7 +122,7 @@ def sampling_params(body: _Sampling, *, max_tokens: int | None, logprobs: int | 
         return SamplingParams(
             n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=None if body.top_k in (None, -1, 0) else body.top_k,
+            top_k=None if body.top_k in (None, -1, 0) or (body.top_k or 0) >= limits.vocab_size else body.top_k,
             min_p=body.min_p or 0.0, seed=body.seed, max_tokens=max_tokens,
             min_tokens=body.min_tokens, stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()),
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
@@ -129,6 +132,12 @@ def sampling_params(body: _Sampling, *, max_tokens: int | None, logprobs: int | 
             include_stop_str_in_output=body.include_stop_str_in_output, logit_bias=bias)
     except Exception as exc:  # noqa: BLE001 - SamplingError names the field
         raise as_api_error(exc) from exc
+
+
+def _check_num_seqs(body: _Sampling, num_prompts: int, limits: Limits) -> None:
+    if body.n * num_prompts > limits.max_num_seqs:
+        raise ApiError(400, f"invalid field n: n={body.n} x {num_prompts} prompt(s) exceeds the server's "
+                       f"max_num_seqs={limits.max_num_seqs}", param="n")
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:

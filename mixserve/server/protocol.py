@@ -11,9 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mixserve.sampling_params import SEED_MAX, SEED_MIN
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", use_attribute_docstrings=True)
 
     @property
     def unknown_fields(self) -> list[str]:
@@ -36,7 +38,8 @@ class _Sampling(_Body):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    """Per-request seed, any integer in [-2**63, 2**64 - 1]: the same seed gives the same tokens."""
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     presence_penalty: float | None = None
@@ -52,8 +55,12 @@ class _Sampling(_Body):
     user: str | None = None
     # inference-time scaling (mixserve extension): run a strategy and return its selected answer
     strategy: str | None = None
+    """mixserve: run this inference-time scaling strategy (e.g. majority, bon, bom, beam) and answer with
+    its selected sample; needs one prompt and stream=false."""
     budget: int | None = None
+    """mixserve: the strategy's sample budget (1..1024)."""
     verifier: str | None = None
+    """mixserve: the verifier a strategy scores samples with."""
 
 
 class CompletionRequest(_Sampling):

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from mixserve.engine.async_engine import AsyncEngine
 from mixserve.outputs import RequestOutput
 from mixserve.sampling_params import SamplingParams
 from mixserve.server.errors import ApiError, as_api_error, error_frame
 from mixserve.server.formats import Choice, Usage
+from mixserve.server.limits import RequestLimits
 from mixserve.server.metrics import ServerMetrics
 from mixserve.server.params import Limits, Prompt
 
@@ -40,6 +42,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     load_error: str | None = None
     reject_unknown_fields: bool = False
+    request_limits: RequestLimits = field(default_factory=RequestLimits)
     scaling: Any = None
     """Optional hook `(state, body, prompt, params) -> awaitable response dict` for strategy requests."""
 
@@ -80,6 +83,10 @@ class Run:
         self.cached: dict[str, int] = {}
         self.prompt_logprobs: dict[int, list[Any]] = {}
         self.finished: set[str] = set()
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.added: list[str] = []
+        self.pending: str | None = None
+        self.started = self.closed = False
         assert state.metrics is not None
         self.metrics = state.metrics
         self.timing = self.metrics.start()
@@ -88,28 +95,51 @@ class Run:
         index = prompt_index * self.params.n + sample_index
         return self.choices.setdefault(index, Choice(index))
 
-    async def deltas(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-        """Add every prompt, then yield (prompt index, delta) until all finish; abort leftovers on exit."""
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        added: list[str] = []
+    async def start(self) -> None:
+        """Add every prompt to the engine; what the engine rejects raises here, before any response is sent.
+
+        Idempotent. On failure (or cancellation) whatever was added is aborted.
+        """
+        if self.started:
+            return
+        self.started = True
         try:
             for rid, prompt in zip(self.ids, self.prompts):
-                await self.engine.add(rid, prompt.token_ids, self.params, prompt.text, queue=queue)
-                added.append(rid)
-            while len(self.finished) < len(added):
-                item = await queue.get()
+                self.pending = rid
+                await self.engine.add(rid, prompt.token_ids, self.params, prompt.text, queue=self.queue)
+                self.added.append(rid)
+                self.pending = None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Abort what is still running (idempotent; safe from a cancelled task or a response that never ran)."""
+        if self.closed:
+            return
+        self.closed = True
+        leftover = [rid for rid in self.added if rid not in self.finished]
+        if self.pending is not None:  # an add in flight: the abort runs after it on the engine thread
+            self.engine.abort(self.pending)
+        for rid in leftover:
+            self.engine.abort(rid)
+        if self.added and (leftover or len(self.added) < len(self.ids)):
+            reasons = [c.finish_reason or "abort" for c in self.choices.values()] or ["abort"]
+            self.metrics.finish(self.timing, [len(p.token_ids) for p in self.prompts], reasons)
+
+    async def deltas(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        """Start (if not yet), then yield (prompt index, delta) until all finish; abort leftovers on exit."""
+        try:
+            await self.start()
+            while len(self.finished) < len(self.added):
+                item = await self.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 index = self.ids.index(item.request_id)
                 self._fold(index, item)
                 yield index, item
         finally:
-            leftover = [rid for rid in added if rid not in self.finished]
-            for rid in leftover:
-                self.engine.abort(rid)
-            if added and (leftover or len(added) < len(self.ids)):
-                reasons = [c.finish_reason or "abort" for c in self.choices.values()] or ["abort"]
-                self.metrics.finish(self.timing, [len(p.token_ids) for p in self.prompts], reasons)
+            self.close()
 
     def _fold(self, index: int, delta: RequestOutput) -> None:
         self.metrics.observe(self.timing, delta)
@@ -168,6 +198,21 @@ async def scaled_response(state: ServerState, body: Any, prompts: list[Prompt], 
     if len(prompts) != 1 or body.stream:
         raise ApiError(400, "invalid field strategy: needs exactly one prompt and stream=false", param="strategy")
     return JSONResponse(await state.scaling(state, body, prompts[0], params, obj))
+
+
+class RunStreamingResponse(StreamingResponse):
+    """The SSE response of a started `Run`: the run is closed (leftovers aborted) however the response ends,
+    even when the client went away before its body began."""
+
+    def __init__(self, run: Run, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.close()
 
 
 def sse(payload: dict[str, Any]) -> str:
