@@ -80,9 +80,11 @@ def _operation(route: RouteDoc) -> dict[str, Any]:
         assert route.response is not None
         content = {"application/json": {"schema": _ref(route.response)}}
     if route.streams:
-        content["text/event-stream"] = {"schema": {"type": "string", "description": (
-            "`data: {chunk}` frames, then `data: [DONE]`; an error after the stream began is an error frame")}}
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+        # no schema: each event is `data: {chunk JSON}`, then `data: [DONE]`, which one JSON schema can't say
+        content["text/event-stream"] = {}
+    description = ("OK; with `stream: true`, server-sent events: `data: {chunk}` frames, then `data: [DONE]` "
+                   "(an error after the stream began is an error frame)") if route.streams else "OK"
+    responses: dict[str, Any] = {"200": {"description": description, "content": content}}
     for status in route.errors:
         description = {**_BODY_ERRORS, 429: "Queue full; retry after the Retry-After header"}.get(status, "Error")
         responses[str(status)] = {"description": description,

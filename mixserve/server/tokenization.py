@@ -21,6 +21,8 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> dict[str, Any]:
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "exactly one of prompt and messages is required", param="prompt")
     if body.messages is not None:
+        if not body.messages:
+            raise ApiError(400, "invalid field messages: must not be empty", param="messages")
         chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
         ids = (await offload(chat_prompt, chat, state.tokenizer)).token_ids
     else:
