@@ -98,9 +98,9 @@ class TorchModelRunner:
         prompt_rows: list[tuple[ScheduledSeq, int, int]] = []  # seq, first row, count
         offset = 0
         for seq in seqs:
-            request = seq.request
-            if request.params.prompt_logprobs is not None and seq.start_pos < request.num_prompt_tokens:
-                count = min(seq.num_tokens, request.num_prompt_tokens - 1 - seq.start_pos)
+            spec = seq.spec
+            if spec.params.prompt_logprobs is not None and seq.start_pos < seq.num_prompt_tokens:
+                count = min(seq.num_tokens, seq.num_prompt_tokens - 1 - seq.start_pos)
                 if count > 0:
                     prompt_rows.append((seq, len(rows), count))
                     rows.extend(range(offset, offset + count))
@@ -113,11 +113,11 @@ class TorchModelRunner:
             return result
         logits = self.model.compute_logits(hidden[torch.tensor(rows)])  # type: ignore[operator]
         for seq, first, count in prompt_rows:
-            request = seq.request
-            nexts = request.token_ids[seq.start_pos + 1:seq.start_pos + 1 + count]
-            assert request.params.prompt_logprobs is not None
+            nexts = list(seq.prompt_token_ids[seq.start_pos + 1:seq.start_pos + 1 + count])
+            num_logprobs = seq.spec.params.prompt_logprobs
+            assert num_logprobs is not None
             result.prompt_logprobs[seq.request_id] = prompt_logprobs(
-                logits[first:first + count], nexts, request.params.prompt_logprobs)
+                logits[first:first + count], nexts, num_logprobs)
         if sample_seqs:
             sample_logits = logits[len(rows) - len(sample_seqs):]
             sampled = self.sampler(sample_logits, [self._row(s) for s in sample_seqs])
@@ -128,19 +128,14 @@ class TorchModelRunner:
         return result
 
     def _row(self, seq: ScheduledSeq) -> SamplingRow:
-        request = seq.request
-        params = request.params
+        """The sampler's row for a sequence; its generator is seeded once with the spec's seed."""
+        spec = seq.spec
         generator = None
-        if params.seed is not None:
+        if spec.seed is not None:
             generator = self.generators.get(seq.request_id)
             if generator is None:
-                seed = params.seed if request.sample_index == 0 else \
-                    hash((params.seed, request.sample_index)) & 0x7FFF_FFFF_FFFF_FFFF
-                generator = torch.Generator().manual_seed(seed)
+                generator = torch.Generator().manual_seed(spec.seed)
                 self.generators[seq.request_id] = generator
-        suppress: tuple[int, ...] = ()
-        if request.num_output_tokens < params.min_tokens:
-            suppress = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
-        return SamplingRow(params=params, prompt_token_ids=request.prompt_token_ids,
-                           output_token_ids=request.output_token_ids, generator=generator,
-                           suppress_token_ids=suppress)
+        return SamplingRow(params=spec.params, prompt_token_ids=seq.prompt_token_ids,
+                           output_token_ids=seq.output_token_ids, generator=generator,
+                           suppress_token_ids=spec.suppress_token_ids)
