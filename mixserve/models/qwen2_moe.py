@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from mixserve.layers.linear import Linear
 from mixserve.layers.moe import GatedMLP, MoE
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
-from mixserve.models.base import WeightError
+from mixserve.models.base import KVCacheSpec, WeightError, check_layer_range
 from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
@@ -199,15 +200,6 @@ class Qwen2MoeModel(nn.Module):
                                     for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache], experts: ExpertProvider,
-                observer: RoutingObserver | None) -> torch.Tensor:
-        cos_sin = self.rotary.cos_sin(positions)  # once per step, shared by every layer
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta, experts, observer)
-        return self.norm(x)
-
 
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)")
@@ -244,18 +236,34 @@ class Qwen2MoeForCausalLM(nn.Module):
     def set_routing_observer(self, observer: RoutingObserver | None) -> None:
         self.routing_observer = observer
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+
+    def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[KVCache], start: int, end: int) -> torch.Tensor:
+        """Blocks `[start, end)`; the routing observer's step begins with the range that starts at 0."""
+        check_layer_range(start, end, self.args.num_hidden_layers, kv_caches)
+        observer = self.routing_observer
+        if observer is not None and start == 0:
+            observer.begin_step(positions, meta.query_lens)
+        cos_sin = self.model.rotary.cos_sin(positions)  # once per stage, shared by its layers
+        for layer, kv_cache in zip(islice(self.model.layers, start, end), kv_caches):
+            hidden = layer(hidden, cos_sin, kv_cache, meta, self.experts, observer)
+        return hidden  # [num_tokens, hidden_size]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden)).float()  # [n, vocab_size]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
-        observer = self.routing_observer
-        if observer is not None:
-            observer.begin_step(positions, meta.query_lens)
-        return self.model(input_ids, positions, meta, kv_caches, self.experts, observer)
+        """The whole model: `[num_tokens, vocab_size]` float32 logits of every token."""
+        hidden = self.forward_layers(self.embed(input_ids), positions, meta, kv_caches,
+                                     0, self.args.num_hidden_layers)
+        return self.head(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [n, vocab_size]
-
-    def kv_cache_shapes(self) -> list[tuple[int, int]]:
-        return [(self.args.num_key_value_heads, self.args.head_dim)] * self.args.num_hidden_layers
+    def kv_cache_spec(self) -> KVCacheSpec:
+        a = self.args
+        return KVCacheSpec.uniform(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
 
     @staticmethod
     def expert_key(name: str) -> ExpertKey | None:

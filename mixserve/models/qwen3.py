@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, cast
 
 import torch
@@ -18,7 +19,7 @@ from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
 from mixserve.layers.linear import Linear
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
-from mixserve.models.base import WeightError
+from mixserve.models.base import KVCacheSpec, WeightError, check_layer_range
 from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
@@ -167,14 +168,6 @@ class Qwen3Model(nn.Module):
             for sliding in args.sliding_layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache]) -> torch.Tensor:
-        cos_sin = self.rotary.cos_sin(positions)  # once per step, shared by every layer
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
-        return self.norm(x)
-
 
 class Qwen3ForCausalLM(nn.Module):
     """Qwen3 over the paged KV cache (the `CausalLM` contract of `models/base.py`)."""
@@ -187,15 +180,30 @@ class Qwen3ForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = cast(nn.Parameter, self.model.embed_tokens.weight)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+
+    def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[KVCache], start: int, end: int) -> torch.Tensor:
+        check_layer_range(start, end, self.args.num_hidden_layers, kv_caches)
+        cos_sin = self.model.rotary.cos_sin(positions)  # once per stage, shared by its layers
+        for layer, kv_cache in zip(islice(self.model.layers, start, end), kv_caches):
+            hidden = layer(hidden, cos_sin, kv_cache, meta)
+        return hidden  # [num_tokens, hidden_size]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden)).float()  # [n, vocab_size]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
-        return self.model(input_ids, positions, meta, kv_caches)  # [num_tokens, hidden_size]
+        """The whole model: `[num_tokens, vocab_size]` float32 logits of every token."""
+        hidden = self.forward_layers(self.embed(input_ids), positions, meta, kv_caches,
+                                     0, self.args.num_hidden_layers)
+        return self.head(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [n, vocab_size]
-
-    def kv_cache_shapes(self) -> list[tuple[int, int]]:
-        return [(self.args.num_key_value_heads, self.args.head_dim)] * self.args.num_hidden_layers
+    def kv_cache_spec(self) -> KVCacheSpec:
+        a = self.args
+        return KVCacheSpec.uniform(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF tensors in; q/k/v and gate/up land in row ranges of the fused projections."""
