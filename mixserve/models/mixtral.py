@@ -32,15 +32,10 @@ from mixserve.layers.moe import MoE
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
 from mixserve.models.base import WeightError
+from mixserve.models.hf_config import attention_shape, num_experts, require, require_silu, rope
 from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"mixtral config is missing required key {key!r}")
-    return cfg[key]
 
 
 @dataclass(frozen=True)
@@ -85,29 +80,23 @@ class MixtralArgs:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> MixtralArgs:
-        num_heads = int(_require(cfg, "num_attention_heads"))
-        hidden_size = int(_require(cfg, "hidden_size"))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"mixtral: unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
-        num_experts = cfg.get("num_local_experts", cfg.get("num_experts"))
-        if num_experts is None:
-            raise ValueError("mixtral config is missing required key 'num_local_experts'")
-        # HF 5.x nests theta and scaling under `rope_parameters`; 4.x has `rope_theta`/`rope_scaling`.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 1e6))
+        hidden_size, num_heads, num_kv_heads, head_dim = attention_shape(cfg, "mixtral")
+        require_silu(cfg, "mixtral")
+        experts = num_experts(cfg, "mixtral", "num_local_experts", "num_experts")
+        theta, scaling = rope(cfg, 1e6)
         return MixtralArgs(
-            vocab_size=int(_require(cfg, "vocab_size")),
+            vocab_size=int(require(cfg, "vocab_size", "mixtral")),
             hidden_size=hidden_size,
-            intermediate_size=int(_require(cfg, "intermediate_size")),
-            num_hidden_layers=int(_require(cfg, "num_hidden_layers")),
+            intermediate_size=int(require(cfg, "intermediate_size", "mixtral")),
+            num_hidden_layers=int(require(cfg, "num_hidden_layers", "mixtral")),
             num_attention_heads=num_heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden_size // num_heads),
-            num_experts=int(num_experts),
-            top_k=int(_require(cfg, "num_experts_per_tok")),
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            num_experts=experts,
+            top_k=int(require(cfg, "num_experts_per_tok", "mixtral")),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta),
-            rope_scaling=dict(rope) if rope else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=cfg.get("sliding_window"),
         )

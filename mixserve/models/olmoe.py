@@ -33,15 +33,10 @@ from mixserve.layers.moe import MoE
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
 from mixserve.models.base import WeightError
+from mixserve.models.hf_config import attention_shape, num_experts, require, require_silu, rope
 from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"olmoe config is missing required key {key!r}")
-    return cfg[key]
 
 
 @dataclass(frozen=True)
@@ -90,31 +85,26 @@ class OlmoeArgs:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> OlmoeArgs:
-        num_heads = int(_require(cfg, "num_attention_heads"))
-        hidden_size = int(_require(cfg, "hidden_size"))
-        num_layers = int(_require(cfg, "num_hidden_layers"))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"olmoe: unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
-        num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
-        if num_experts is None:
-            raise ValueError("olmoe config is missing required key 'num_experts'")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        hidden_size, num_heads, num_kv_heads, head_dim = attention_shape(cfg, "olmoe")
+        num_layers = int(require(cfg, "num_hidden_layers", "olmoe"))
+        require_silu(cfg, "olmoe")
+        experts = num_experts(cfg, "olmoe", "num_experts", "num_local_experts")
+        theta, scaling = rope(cfg, 10000.0)
         return OlmoeArgs(
-            vocab_size=int(_require(cfg, "vocab_size")),
+            vocab_size=int(require(cfg, "vocab_size", "olmoe")),
             hidden_size=hidden_size,
-            intermediate_size=int(_require(cfg, "intermediate_size")),
+            intermediate_size=int(require(cfg, "intermediate_size", "olmoe")),
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden_size // num_heads),
-            num_experts=int(num_experts),
-            top_k=int(_require(cfg, "num_experts_per_tok")),
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            num_experts=experts,
+            top_k=int(require(cfg, "num_experts_per_tok", "olmoe")),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta),
-            rope_scaling=dict(rope) if rope else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             clip_qkv=float(cfg["clip_qkv"]) if cfg.get("clip_qkv") is not None else None,
         )

@@ -34,15 +34,10 @@ from mixserve.layers.moe import GatedMLP, MoE
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
 from mixserve.models.base import WeightError
+from mixserve.models.hf_config import attention_shape, num_experts, require, require_silu, rope, sparse_layer_ids
 from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"qwen2_moe config is missing required key {key!r}")
-    return cfg[key]
 
 
 @dataclass(frozen=True)
@@ -100,43 +95,34 @@ class Qwen2MoeArgs:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> Qwen2MoeArgs:
-        num_heads = int(_require(cfg, "num_attention_heads"))
-        hidden_size = int(_require(cfg, "hidden_size"))
-        num_layers = int(_require(cfg, "num_hidden_layers"))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"qwen2_moe: unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
-        num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
-        if num_experts is None:
-            raise ValueError("qwen2_moe config is missing required key 'num_experts'")
-        step = int(cfg.get("decoder_sparse_step") or 1)
-        mlp_only = set(cfg.get("mlp_only_layers") or [])
-        moe_layers = tuple(i for i in range(num_layers)
-                           if i not in mlp_only and int(num_experts) > 0 and (i + 1) % step == 0)
+        hidden_size, num_heads, num_kv_heads, head_dim = attention_shape(cfg, "qwen2_moe")
+        num_layers = int(require(cfg, "num_hidden_layers", "qwen2_moe"))
+        require_silu(cfg, "qwen2_moe")
+        experts = num_experts(cfg, "qwen2_moe", "num_experts", "num_local_experts")
         # HF 5.x writes `layer_types`; older configs imply it (same rule as HF's config __post_init__).
         use_sw = bool(cfg.get("use_sliding_window", False))
         layer_types = cfg.get("layer_types") or [
             "sliding_attention" if use_sw and (i + 1) % 2 and i < int(cfg.get("max_window_layers", 28))
             else "full_attention" for i in range(num_layers)]
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        theta, scaling = rope(cfg, 10000.0)
         return Qwen2MoeArgs(
-            vocab_size=int(_require(cfg, "vocab_size")),
+            vocab_size=int(require(cfg, "vocab_size", "qwen2_moe")),
             hidden_size=hidden_size,
-            intermediate_size=int(_require(cfg, "intermediate_size")),
-            moe_intermediate_size=int(_require(cfg, "moe_intermediate_size")),
-            shared_expert_intermediate_size=int(_require(cfg, "shared_expert_intermediate_size")),
+            intermediate_size=int(require(cfg, "intermediate_size", "qwen2_moe")),
+            moe_intermediate_size=int(require(cfg, "moe_intermediate_size", "qwen2_moe")),
+            shared_expert_intermediate_size=int(require(cfg, "shared_expert_intermediate_size", "qwen2_moe")),
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden_size // num_heads),
-            num_experts=int(num_experts),
-            top_k=int(_require(cfg, "num_experts_per_tok")),
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            num_experts=experts,
+            top_k=int(require(cfg, "num_experts_per_tok", "qwen2_moe")),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-            moe_layer_ids=moe_layers,
+            moe_layer_ids=sparse_layer_ids(cfg, num_layers, experts),
             qkv_bias=bool(cfg.get("qkv_bias", True)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=dict(rope) if rope else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_windows=tuple(cfg.get("sliding_window") if t == "sliding_attention" else None
                                   for t in layer_types),
