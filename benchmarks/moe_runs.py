@@ -25,7 +25,7 @@ from moe_baselines import MmapExpertProvider, OnDemandProvider
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.predict import AffinityPredictor, RouterLookahead
 from mixserve.experts.provider import InMemoryExpertProvider
-from mixserve.experts.setup import ResidentExperts, fill_in_memory, moe_routers
+from mixserve.experts.setup import fill_in_memory, moe_routers
 from mixserve.experts.store import ExpertStore
 from mixserve.experts.synthetic import SyntheticRouting, SyntheticRoutingConfig
 from mixserve.layers.attention import AttentionMetadata, KVCache
@@ -50,7 +50,7 @@ def _provider(spec: dict[str, Any], store: ExpertStore) -> Any:
         mem = InMemoryExpertProvider(store.layer_ids, store.num_experts, store.hidden_size,
                                      store.intermediate_size).to(DTYPE)
         fill_in_memory(mem, store, DTYPE)
-        return ResidentExperts(mem)
+        return mem  # set as the provider: held, not a parameter; load_weights expects no experts
     if mode == "mmap":
         return MmapExpertProvider(Path(spec["checkpoint"]))
     if mode == "ondemand":

@@ -23,16 +23,11 @@ from mixserve.layers.linear import Linear
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
 from mixserve.models.base import KVCacheSpec, WeightError, check_layer_range
+from mixserve.models.hf_config import require
 from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 RopeSpec = tuple[float, dict[str, Any] | None]
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"gemma3 config is missing required key {key!r}")
-    return cfg[key]
 
 
 def _sliding_layers(cfg: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
@@ -103,8 +98,8 @@ class Gemma3Args:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> Gemma3Args:
-        num_heads = int(_require(cfg, "num_attention_heads"))
-        num_layers = int(_require(cfg, "num_hidden_layers"))
+        num_heads = int(require(cfg, "num_attention_heads", "gemma3"))
+        num_layers = int(require(cfg, "num_hidden_layers", "gemma3"))
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
         if act != "gelu_pytorch_tanh":
             raise ValueError(f"gemma3: unsupported hidden_activation {act!r} (only 'gelu_pytorch_tanh')")
@@ -114,9 +109,9 @@ class Gemma3Args:
         final_cap = cfg.get("final_logit_softcapping")
         attn_cap = cfg.get("attn_logit_softcapping")
         return Gemma3Args(
-            vocab_size=int(_require(cfg, "vocab_size")),
-            hidden_size=int(_require(cfg, "hidden_size")),
-            intermediate_size=int(_require(cfg, "intermediate_size")),
+            vocab_size=int(require(cfg, "vocab_size", "gemma3")),
+            hidden_size=int(require(cfg, "hidden_size", "gemma3")),
+            intermediate_size=int(require(cfg, "intermediate_size", "gemma3")),
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),

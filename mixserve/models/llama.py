@@ -21,15 +21,10 @@ from mixserve.layers.linear import Linear
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
 from mixserve.models.base import KVCacheSpec, WeightError, check_layer_range
+from mixserve.models.hf_config import attention_shape, require, require_silu, rope
 from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"llama config is missing required key {key!r}")
-    return cfg[key]
 
 
 @dataclass(frozen=True)
@@ -67,26 +62,22 @@ class LlamaArgs:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> LlamaArgs:
-        num_heads = int(_require(cfg, "num_attention_heads"))
-        hidden_size = int(_require(cfg, "hidden_size"))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"llama: unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
-        # HF 5.x nests theta and scaling under `rope_parameters`; 4.x has `rope_theta`/`rope_scaling`.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        hidden_size, num_heads, num_kv_heads, head_dim = attention_shape(cfg, "llama")
+        require_silu(cfg, "llama")
+        theta, scaling = rope(cfg, 10000.0)
         archs = cfg.get("architectures") or []
         is_mistral = cfg.get("model_type") == "mistral" or "MistralForCausalLM" in archs
         return LlamaArgs(
-            vocab_size=int(_require(cfg, "vocab_size")),
+            vocab_size=int(require(cfg, "vocab_size", "llama")),
             hidden_size=hidden_size,
-            intermediate_size=int(_require(cfg, "intermediate_size")),
-            num_hidden_layers=int(_require(cfg, "num_hidden_layers")),
+            intermediate_size=int(require(cfg, "intermediate_size", "llama")),
+            num_hidden_layers=int(require(cfg, "num_hidden_layers", "llama")),
             num_attention_heads=num_heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden_size // num_heads),
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=dict(rope) if rope else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
