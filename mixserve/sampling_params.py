@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mixserve.config import FieldError
 
-class SamplingError(ValueError):
+
+class SamplingError(FieldError):
     """A sampling parameter is out of range; the message names the field and the value."""
 
 
@@ -66,7 +68,7 @@ class SamplingParams:
 
     def _validate(self) -> None:
         def bad(name: str, value: object, why: str) -> SamplingError:
-            return SamplingError(f"invalid sampling parameter {name}={value!r}: {why}")
+            return SamplingError(f"invalid sampling parameter {name}={value!r}: {why}", field=name)
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", self.n, "must be an integer >= 1")
