@@ -25,13 +25,14 @@ from moe_baselines import MmapExpertProvider, OnDemandProvider
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.predict import AffinityPredictor, RouterLookahead
 from mixserve.experts.provider import InMemoryExpertProvider
-from mixserve.experts.setup import ResidentExperts, fill_in_memory, moe_routers
+from mixserve.experts.setup import fill_in_memory, moe_routers
 from mixserve.experts.store import ExpertStore
 from mixserve.experts.synthetic import SyntheticRouting, SyntheticRoutingConfig
 from mixserve.layers.attention import AttentionMetadata, KVCache
 from mixserve.layers.moe import set_route_source
 from mixserve.loading.checkpoint import open_weights
 from mixserve.models.base import model_class
+from mixserve.runner.model_runner import allocate_kv_caches
 
 DTYPE = torch.bfloat16
 
@@ -49,7 +50,7 @@ def _provider(spec: dict[str, Any], store: ExpertStore) -> Any:
         mem = InMemoryExpertProvider(store.layer_ids, store.num_experts, store.hidden_size,
                                      store.intermediate_size).to(DTYPE)
         fill_in_memory(mem, store, DTYPE)
-        return ResidentExperts(mem)
+        return mem  # set as the provider: held, not a parameter; load_weights expects no experts
     if mode == "mmap":
         return MmapExpertProvider(Path(spec["checkpoint"]))
     if mode == "ondemand":
@@ -86,8 +87,8 @@ def _forward(model: Any, kv: list[KVCache], ids: list[int], start: int) -> int:
     positions = torch.arange(start, start + n)
     meta = AttentionMetadata(query_lens=[n], seq_lens=[start + n], slot_mapping=positions,
                              kv_slots=torch.arange(start + n)[None, :], q_index=None)
-    hidden = model(torch.tensor(ids), positions, meta, kv)
-    return int(model.compute_logits(hidden[-1:]).argmax())
+    hidden = model.forward_layers(model.embed(torch.tensor(ids)), positions, meta, kv, 0, len(kv))
+    return int(model.head(hidden[-1:]).argmax())
 
 
 def _counters(provider: Any) -> dict[str, float]:
@@ -123,8 +124,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     model, provider, store = _build(spec)
     load_s = time.perf_counter() - load_start
     total = spec["prefill_tokens"] + spec["warmup_tokens"] + spec["decode_tokens"] + 1
-    kv = [(torch.zeros(total, h, d, dtype=DTYPE), torch.zeros(total, h, d, dtype=DTYPE))
-          for h, d in model.kv_cache_shapes()]
+    kv = allocate_kv_caches(model.kv_cache_spec(), total, 1, DTYPE)
     gen = torch.Generator().manual_seed(spec["seed"])
     prompt = torch.randint(0, int(model.args.vocab_size), (spec["prefill_tokens"],), generator=gen).tolist()
     _reset(provider)

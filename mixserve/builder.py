@@ -16,7 +16,7 @@ from mixserve.hub import default_cache_dir, resolve_model
 from mixserve.layers.linear import enable_int8
 from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
 from mixserve.loading.tokenizer import Tokenizer
-from mixserve.models.base import build_model
+from mixserve.models.base import as_causal_lm, build_model
 from mixserve.runner.model_runner import TorchModelRunner, kv_bytes_per_block
 
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -78,11 +78,11 @@ def _load_weights(config: EngineConfig, cache_dir: str | Path | None, dtype: tor
     if pack is None:
         checkpoint = load_checkpoint(path)
         model = build_model(checkpoint.hf_config, dtype)
-        model.load_weights(checkpoint.weights())  # type: ignore[operator]
+        as_causal_lm(model).load_weights(checkpoint.weights())
         return model, checkpoint, None
     checkpoint = load_checkpoint(pack, tokenizer_path=pack_tokenizer(pack))
     model, provider = build_from_pack(checkpoint.hf_config, pack, config.experts, dtype)
-    model.load_weights(checkpoint.weights())  # type: ignore[operator]
+    as_causal_lm(model).load_weights(checkpoint.weights())
     return model, checkpoint, provider
 
 
@@ -90,16 +90,17 @@ def wire_engine(loaded: LoadedModel, config: EngineConfig, seed: int = 0) -> Bui
     """KV cache, runner and engine for an already loaded model."""
     checkpoint, model, dtype = loaded.checkpoint, loaded.model, loaded.dtype
     max_len = _max_model_len(config, checkpoint.hf_config)
-    shapes = model.kv_cache_shapes()  # type: ignore[operator]
+    lm = as_causal_lm(model)
     cache = config.cache
-    num_blocks = cache.num_blocks or cache.kv_cache_bytes // kv_bytes_per_block(shapes, cache.block_size, dtype)
+    num_blocks = cache.num_blocks or cache.kv_cache_bytes // kv_bytes_per_block(
+        lm.kv_cache_spec(), cache.block_size, dtype)
     needed = -(-max_len // cache.block_size)
     if num_blocks < needed:
         raise ConfigError(f"invalid config kv cache: {num_blocks} blocks of {cache.block_size} tokens "
                           f"cannot hold one sequence of max_model_len={max_len}; raise kv_cache_bytes "
                           f"or lower max_model_len")
     eos = tuple(checkpoint.tokenizer.eos_token_ids)
-    runner = TorchModelRunner(model, num_blocks, cache.block_size, dtype, eos, seed=seed)
+    runner = TorchModelRunner(lm, num_blocks, cache.block_size, dtype, eos, seed=seed)
     info = ModelInfo(max_model_len=max_len, vocab_size=int(checkpoint.hf_config["vocab_size"]),
                      eos_token_ids=eos, num_blocks=num_blocks)
     engine = Engine(config, runner, checkpoint.tokenizer, info)

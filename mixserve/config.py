@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 
-class ConfigError(ValueError):
+class FieldError(ValueError):
+    """A value is invalid; `field` names the offending field as data (the message names it as text)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ConfigError(FieldError):
     """A configuration value is invalid; the message names the field and the value."""
 
 
 def _require(ok: bool, name: str, value: object, why: str) -> None:
     if not ok:
-        raise ConfigError(f"invalid config {name}={value!r}: {why}")
+        raise ConfigError(f"invalid config {name}={value!r}: {why}", field=name)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source (one line, whitespace joined)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in docs.items() if k in names}
 
 
 Dtype = Literal["float32", "bfloat16"]
@@ -111,7 +135,7 @@ class ExpertBudget:
         unit = m[2].lower() if m else ""
         if m is None or (unit not in _UNITS and unit != "%"):
             raise ConfigError(f"invalid config {name}={text!r}: expected bytes with a unit (2GiB, 512MB), "
-                              f"a percentage (25%) or a fraction of expert bytes (0.25)")
+                              f"a percentage (25%) or a fraction of expert bytes (0.25)", field=name)
         value = float(m[1])
         if unit == "%" or (unit == "" and "." in m[1]):
             fraction = value / 100 if unit == "%" else value

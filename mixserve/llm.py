@@ -191,5 +191,5 @@ def _merge(acc: RequestOutput, delta: RequestOutput) -> RequestOutput:
     acc.finished = delta.finished
     acc.prompt_logprobs = delta.prompt_logprobs or acc.prompt_logprobs
     acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
-    acc.metrics.update(delta.metrics)
+    acc.metrics = delta.metrics  # cumulative: the latest holds everything
     return acc

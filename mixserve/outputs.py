@@ -50,6 +50,18 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Timing and compute counts of one request, cumulative over all its samples."""
+
+    first_token_time: float | None = None
+    """`time.monotonic()` when the first token of any sample was sampled."""
+    num_computed_tokens: int = 0
+    """Tokens the runner computed (recomputation after preemption included)."""
+    num_computed_prompt_tokens: int = 0
+    """Those at prompt positions: prefill work that was not reused."""
+
+
 @dataclass
 class RequestOutput:
     """Outputs of one request (all its samples). `finished` once every sample has finished."""
@@ -62,8 +74,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache instead of being computed."""
-    metrics: dict[str, float] = field(default_factory=dict)
-    """arrival/first_token/finished timestamps (time.monotonic) when known."""
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
     @property
     def num_prompt_tokens(self) -> int:

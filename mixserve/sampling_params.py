@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mixserve.config import FieldError
+
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 """Seeds accepted: integers in [-2**63, 2**64 - 1], the range `torch.Generator.manual_seed` takes."""
 
 
-class SamplingError(ValueError):
+class SamplingError(FieldError):
     """A sampling parameter is out of range; the message names the field and the value."""
 
 
@@ -72,7 +74,7 @@ class SamplingParams:
 
     def _validate(self) -> None:
         def bad(name: str, value: object, why: str) -> SamplingError:
-            return SamplingError(f"invalid sampling parameter {name}={value!r}: {why}")
+            return SamplingError(f"invalid sampling parameter {name}={value!r}: {why}", field=name)
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", self.n, "must be an integer >= 1")

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from mixserve.layers.attention import AttentionMetadata, KVCache
+from mixserve.models.base import as_causal_lm
+from mixserve.runner.model_runner import allocate_kv_caches
 
 
 def make_kv_caches(model: torch.nn.Module, num_slots: int, dtype: torch.dtype) -> list[KVCache]:
-    return [(torch.zeros(num_slots, h, d, dtype=dtype), torch.zeros(num_slots, h, d, dtype=dtype))
-            for h, d in model.kv_cache_shapes()]  # type: ignore[operator]
+    return allocate_kv_caches(as_causal_lm(model).kv_cache_spec(), num_slots, 1, dtype)
 
 
 def forward_packed(model: torch.nn.Module, kv: list[KVCache], chunks: list[list[int]],
@@ -36,8 +37,7 @@ def forward_packed(model: torch.nn.Module, kv: list[KVCache], chunks: list[list[
     meta = AttentionMetadata(query_lens=query_lens, seq_lens=seq_lens, slot_mapping=slot_mapping,
                              kv_slots=kv_slots, q_index=q_index)
     with torch.no_grad():
-        hidden = model(ids, positions, meta, kv)
-        return model.compute_logits(hidden)  # type: ignore[operator]
+        return model(ids, positions, meta, kv)  # the whole model: embed, every block, head
 
 
 def prefill_logits(model: torch.nn.Module, ids: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:

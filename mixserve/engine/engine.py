@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mixserve.config import EngineConfig
-from mixserve.engine.output import GroupState
+from mixserve.engine.output import GroupState, Stop
 from mixserve.engine.request import Request, RequestStatus
 from mixserve.engine.scheduler import Scheduler, SchedulerOutput
 from mixserve.outputs import FinishReason, RequestOutput, TokenLogprobs
@@ -77,7 +77,7 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.info = info
-        self.scheduler = Scheduler(config.scheduler, config.cache, info.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, info.num_blocks, info.eos_token_ids)
         self.groups: dict[str, GroupState] = {}
         self.requests: dict[str, Request] = {}
         self.paused: dict[str, dict[int, Request]] = {}
@@ -93,16 +93,15 @@ class Engine:
         `pause_on_finish`: samples that stop normally are paused, not freed (see the module doc)."""
         ids = self._validate(request_id, prompt_token_ids, params)
         limit = self.config.scheduler.max_num_waiting
-        if limit is not None and len(self.scheduler.waiting) >= limit:
+        if limit is not None and self.scheduler.num_waiting >= limit:
             raise QueueFullError(f"waiting queue is full ({limit} requests)")
         request = Request(request_id=request_id if params.n == 1 else f"{request_id}#0",
                           group_id=request_id, sample_index=0, prompt_token_ids=ids, params=params,
-                          max_model_len=self.info.max_model_len, pause_on_finish=pause_on_finish)
+                          max_model_len=self.info.max_model_len, pause_on_finish=pause_on_finish,
+                          fork_at=len(ids) - 1 if params.n > 1 else None)
         group = GroupState(request_id, prompt, ids, params, self.tokenizer, self.info.eos_token_ids)
         self.groups[request_id] = group
         self.counters["prompt_tokens"] += len(ids)
-        if params.n > 1:
-            request.fork_at = len(ids) - 1
         group.add_sample(request)
         self._track(request)
         self.scheduler.add(request)
@@ -170,7 +169,7 @@ class Engine:
         changed: dict[str, None] = {}
         now = time.monotonic()
         for seq in out.seqs:
-            request = seq.request
+            request = self.scheduler.request_of(seq)
             group = self.groups.get(request.group_id)
             if group is None or request.finished:
                 continue
@@ -178,7 +177,7 @@ class Engine:
             rid = request.request_id
             if rid in result.errors:
                 self.counters["errors"] += 1
-                group.fail(request, result.errors[rid])
+                self._stop(request, group.fail(request, result.errors[rid]))
                 self._finish(request)
                 changed[group.request_id] = None
                 continue
@@ -186,9 +185,9 @@ class Engine:
                 group.add_prompt_logprobs(result.prompt_logprobs[rid])
             if rid in result.sampled:
                 token = result.sampled[rid]
-                request.token_ids.append(token)
+                self.scheduler.append_token(request, token)
                 self.counters["generation_tokens"] += 1
-                group.on_token(request, token, result.logprobs.get(rid), now)
+                self._stop(request, group.on_token(request, token, result.logprobs.get(rid), now))
                 if request.pause_on_finish and request.finish_reason in _PAUSABLE:
                     self._pause(request)
                 elif request.finished or request.finish_reason is not None:
@@ -196,28 +195,30 @@ class Engine:
                 changed[group.request_id] = None
         return changed
 
+    def _stop(self, request: Request, stop: Stop | None) -> None:
+        if stop is not None:
+            self.scheduler.stop(request, stop.reason, stop.stop_reason, stop.error)
+
     def _fork_ready(self) -> None:
-        for request in list(self.scheduler.running):
-            if request.fork_at is not None and request.num_computed_tokens >= request.fork_at:
-                self._fork_pending(request)
+        for request in self.scheduler.ready_to_fork():
+            self._fork_pending(request)
 
     def _fork_pending(self, parent: Request) -> None:
         """Split a request with n > 1 into its samples, sharing every KV block computed so far."""
-        parent.fork_at = None
+        self.scheduler.clear_fork_point(parent)
         group = self.groups[parent.group_id]
         for i in range(1, parent.params.n):
             child = parent.clone(f"{parent.group_id}#{i}", i)
             self._track(child)
             group.add_sample(child)
-            if parent.status is RequestStatus.RUNNING:
-                self.scheduler.kv.fork(parent, child)
-                self.scheduler.add_running(child, after=parent)
-            else:
-                self.scheduler.waiting.append(child)
+            self.scheduler.fork(parent, child)
 
     def _finish(self, request: Request) -> None:
         if request.finish_reason is None:
-            request.finish_reason = FinishReason.ERROR
+            self.scheduler.stop(request, FinishReason.ERROR)
+            group = self.groups.get(request.group_id)
+            if group is not None:
+                group.end(request, FinishReason.ERROR)
         self.scheduler.finish(request)
         self.requests.pop(request.request_id, None)
 
@@ -261,11 +262,7 @@ class Engine:
         group.add_sample(child)
         self._track(child)
         self.counters["prompt_tokens"] += child.num_prompt_tokens
-        if child.status is RequestStatus.RUNNING:
-            self.scheduler.kv.fork(parent, child)
-            self.scheduler.running.append(child)
-        else:
-            self.scheduler.add(child)
+        self.scheduler.branch(parent, child)
 
     def _live_sample(self, request_id: str, sample_index: int) -> Request:
         paused = self.paused.get(request_id, {}).get(sample_index)
@@ -281,9 +278,7 @@ class Engine:
                            f"(unknown, finished, aborted or released)")
 
     def _pause(self, request: Request) -> None:
-        if request in self.scheduler.running:
-            self.scheduler.running.remove(request)
-        request.status = RequestStatus.PAUSED
+        self.scheduler.pause(request)
         self.paused.setdefault(request.group_id, {})[request.sample_index] = request
         self.requests.pop(request.request_id, None)
 
@@ -319,7 +314,7 @@ class Engine:
             if request.status is RequestStatus.PAUSED:
                 self._release(request)
             elif not request.finished:
-                group.abort(request)
+                self._stop(request, group.abort(request))
                 self._finish(request)
         output = group.delta()
         del self.groups[request_id]
@@ -327,10 +322,10 @@ class Engine:
 
     # -- introspection ------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
-        pool = self.scheduler.kv.pool
+        pool = self.scheduler.pool
         return {
-            "num_running": float(len(self.scheduler.running)),
-            "num_waiting": float(len(self.scheduler.waiting)),
+            "num_running": float(self.scheduler.num_running),
+            "num_waiting": float(self.scheduler.num_waiting),
             "kv_cache_usage": pool.usage,
             "num_free_blocks": float(pool.num_free_blocks),
             "num_blocks": float(pool.num_blocks),

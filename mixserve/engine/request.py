@@ -54,6 +54,8 @@ class Request:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        self.prompt_tuple = tuple(self.prompt_token_ids)
+        """The prompt as handed to the runner (made once: it never changes)."""
 
     @property
     def num_tokens(self) -> int:

@@ -4,7 +4,7 @@ Both predictors are training-free and are called once per MoE layer per step wit
 input hidden state and its true routing; each returns the next MoE layer and a ranked list of
 experts (the union of every token's top-m, best aggregate score first):
 
-- `RouterLookahead` applies layer L+1's router to layer L's hidden state (mixtral-offloading's
+- `RouterLookahead` applies layer L+1's `Router` to layer L's hidden state (mixtral-offloading's
   speculative loading, AdapMoE, Fate: ~97% accuracy reported). The residual stream changes little
   between adjacent layers, so the next router's choice on the current state is a good guess.
 - `AffinityPredictor` counts, online, how often expert a in layer L co-occurs in a token with expert
@@ -14,10 +14,12 @@ experts (the union of every token's top-m, best aggregate score first):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:  # layers.moe imports this package
+    from mixserve.layers.moe import Router
 
 
 class ExpertPredictor(Protocol):
@@ -44,20 +46,11 @@ def _next_layers(layer_ids: list[int]) -> dict[int, int]:
     return dict(zip(ordered, ordered[1:]))
 
 
-@dataclass(frozen=True)
-class RouterSpec:
-    """One MoE layer's router as the predictor needs it."""
-
-    weight: torch.Tensor
-    """`[num_experts, hidden_size]` router weight (shared with the model, not copied)."""
-    scoring: str
-    """softmax or sigmoid (only the ranking matters, so both rank by logits)."""
-
-
 class RouterLookahead:
     """Layer L+1's router applied to layer L's hidden state (see the module docstring)."""
 
-    def __init__(self, routers: dict[int, RouterSpec], top_m: int) -> None:
+    def __init__(self, routers: dict[int, Router], top_m: int) -> None:
+        """`routers`: each MoE layer's own `Router` (the live module, so later dtype changes follow)."""
         if top_m < 1:
             raise ValueError(f"prefetch top_m must be >= 1, got {top_m}")
         self.routers = routers
@@ -68,9 +61,9 @@ class RouterLookahead:
         nxt = self.next.get(layer_idx)
         if nxt is None:
             return None
-        weight = self.routers[nxt].weight
-        logits = torch.nn.functional.linear(x.to(weight.dtype), weight).float()  # [num_tokens, num_experts]
-        return nxt, _ranked_union(torch.softmax(logits, dim=-1), self.top_m)
+        # Ranked by the next router's full score distribution, summed over tokens: its top-k alone
+        # (`route`) would drop the mass of experts a token ranks below its top-k.
+        return nxt, _ranked_union(self.routers[nxt].scores(x), self.top_m)  # scores: [num_tokens, num_experts]
 
 
 class AffinityPredictor:

@@ -22,10 +22,11 @@ from torch import nn
 from mixserve.config import ExpertConfig
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.pack import write_pack
-from mixserve.experts.predict import AffinityPredictor, ExpertPredictor, RouterLookahead, RouterSpec
-from mixserve.experts.provider import ExpertWeights, InMemoryExpertProvider
+from mixserve.experts.predict import AffinityPredictor, ExpertPredictor, RouterLookahead
+from mixserve.experts.provider import InMemoryExpertProvider
 from mixserve.experts.store import MANIFEST, ExpertStore, PackError
-from mixserve.layers.moe import moe_layers
+from mixserve.layers.expert_slot import ExpertSlot
+from mixserve.layers.moe import Router, moe_layers
 from mixserve.models.base import model_class
 
 
@@ -74,9 +75,17 @@ def prepare_pack(model_path: Path, config: ExpertConfig, cache_dir: Path) -> Pat
     return out
 
 
-def moe_routers(model: nn.Module) -> dict[int, RouterSpec]:
-    """Each MoE layer's router weight (the live parameter, so later dtype changes follow)."""
-    return {m.layer_idx: RouterSpec(m.gate.weight, m.scoring) for m in moe_layers(model)}
+def moe_routers(model: nn.Module) -> dict[int, Router]:
+    """Each MoE layer's router (the live module, so later dtype changes follow)."""
+    return {m.layer_idx: m.gate for m in moe_layers(model)}
+
+
+def expert_slot(model: nn.Module) -> ExpertSlot:
+    """The `ExpertSlot` of an MoE model (every MoE family has exactly one)."""
+    slots = [m for m in model.modules() if isinstance(m, ExpertSlot)]
+    if len(slots) != 1:
+        raise ValueError(f"{type(model).__name__}: expected one ExpertSlot (an MoE family), found {len(slots)}")
+    return slots[0]
 
 
 def make_predictor(model: nn.Module, config: ExpertConfig, num_experts: int) -> ExpertPredictor | None:
@@ -109,42 +118,25 @@ def build_from_pack(hf_config: dict[str, Any], pack: Path, config: ExpertConfig,
     """The model skeleton (non-expert weights still to load) with experts from `pack`."""
     with torch.device("cpu"):
         model = model_class(hf_config)(hf_config)
-    mem = model.experts
-    assert isinstance(mem, InMemoryExpertProvider)
+    slot = expert_slot(model)
+    mem = slot.loader
+    assert mem is not None  # a fresh model loads its experts in memory until a provider is set
     store = ExpertStore(pack, direct_io=config.direct_io, verify_checksums=config.verify_checksums)
     _check_matches(store, mem)
     budget = config.budget
     if budget is None:
         model = model.to(dtype)
-        fill_in_memory(model.experts, store, dtype)
+        fill_in_memory(mem, store, dtype)
         store.close()
-        model.set_expert_provider(ResidentExperts(model.experts))  # load_weights then skips experts
+        slot.set_provider(mem)  # all resident, from the pack: load_weights then expects no experts
         return model, None
     budget_nbytes = budget.resolve(total_expert_nbytes(store, dtype))
     provider = BudgetedExpertProvider(store, budget_nbytes, dtype, policy=config.policy,
                                       predictor=None, io_threads=config.io_threads)
-    model.set_expert_provider(provider)  # drops the (never touched) in-memory stacks
+    slot.set_provider(provider)  # drops the (never touched) in-memory stacks
     model = model.to(dtype)
     provider.predictor = make_predictor(model, config, store.num_experts)
     return model, provider
-
-
-class ResidentExperts:
-    """All experts resident, filled from a pack: an `InMemoryExpertProvider` that is not one to
-    `load_weights` (the checkpoint of a pack holds no experts). Counts in `model.parameters()` no more."""
-
-    def __init__(self, inner: InMemoryExpertProvider) -> None:
-        self.inner = inner
-
-    def plan(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
-             active_ids: list[int]) -> list[list[int]]:
-        return [list(active_ids)]
-
-    def get(self, layer_idx: int, expert_ids: list[int]) -> ExpertWeights:
-        return self.inner.get(layer_idx, expert_ids)
-
-    def release(self, weights: ExpertWeights) -> None:
-        pass
 
 
 def fill_in_memory(mem: InMemoryExpertProvider, store: ExpertStore, dtype: torch.dtype) -> None:

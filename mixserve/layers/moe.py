@@ -22,7 +22,7 @@ expert with a sigmoid gate (Qwen2-MoE).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +66,55 @@ class RouterGate(nn.Module):
         return F.linear(x, self.weight)
 
 
+class Router(Protocol):
+    """An MoE layer's routing, as the layer itself and next-layer predictors call it."""
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[num_tokens, hidden_size]` -> (`[num_tokens, top_k]` int64 expert ids, float32 weights)."""
+        ...
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[num_tokens, hidden_size]` -> `[num_tokens, num_experts]` float32 routing scores (the
+        distribution `route` picks its top-k from)."""
+        ...
+
+
+class TopKRouter(nn.Module):
+    """The `Router` of every family here: scores = softmax or sigmoid of x W^T (W `[num_experts,
+    hidden_size]`, a plain matmul like `RouterGate`), the top-k of them, renormalised to sum to 1 if
+    `normalize_topk`. The families differ only in these flags."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, scoring: Scoring = "softmax",
+                 normalize_topk: bool) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown scoring {scoring!r}; expected 'softmax' or 'sigmoid'")
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
+        self.top_k = top_k
+        self.scoring: Scoring = scoring
+        self.normalize_topk = normalize_topk
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden.to(self.weight.dtype), self.weight)  # [num_tokens, num_experts], like HF
+        if self.scoring == "softmax":
+            return torch.softmax(logits, dim=-1, dtype=torch.float32)
+        return torch.sigmoid(logits.float())
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = torch.topk(self.scores(hidden), self.top_k, dim=-1)
+        if self.normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights
+
+
 class MoE(nn.Module):
     """Top-k routed experts (weights from an `ExpertProvider`) plus an optional gated shared expert.
 
-    The router (`gate`, `[num_experts, hidden_size]`) is owned by the layer; expert weights are not:
-    `forward` borrows them from the provider it is given. Parameter names follow HF (`gate.weight`,
-    `shared_expert.*`, `shared_expert_gate.weight`), with the shared expert's gate/up fused.
+    The router (`gate`, a `TopKRouter`, `[num_experts, hidden_size]`) is owned by the layer; expert
+    weights are not: `forward` borrows them from the provider it is given. Parameter names follow HF
+    (`gate.weight`, `shared_expert.*`, `shared_expert_gate.weight`), with the shared expert's gate/up fused.
     """
 
     def __init__(self, layer_idx: int, hidden_size: int, intermediate_size: int, num_experts: int,
@@ -84,37 +127,34 @@ class MoE(nn.Module):
         rounding the product (Mixtral); the two only differ below float32. `shared_intermediate_size`:
         add an always-on expert of that width, scaled by sigmoid(x @ w) if `shared_expert_gate`."""
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-        if scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"unknown scoring {scoring!r}; expected 'softmax' or 'sigmoid'")
+        self.gate = TopKRouter(hidden_size, num_experts, top_k, scoring=scoring, normalize_topk=normalize_topk)
         if shared_expert_gate and shared_intermediate_size is None:
             raise ValueError("shared_expert_gate needs a shared expert (shared_intermediate_size)")
         self.layer_idx = layer_idx
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_experts = num_experts
-        self.top_k = top_k
-        self.scoring: Scoring = scoring
-        self.normalize_topk = normalize_topk
         self.weights_in_activation_dtype = weights_in_activation_dtype
-        self.gate = RouterGate(hidden_size, num_experts)
         self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size)
                               if shared_intermediate_size is not None else None)
         self.shared_expert_gate = RouterGate(hidden_size, 1) if shared_expert_gate else None
         self.route_source: RouteSource | None = None
 
+    @property
+    def top_k(self) -> int:
+        return self.gate.top_k
+
+    @property
+    def scoring(self) -> Scoring:
+        return self.gate.scoring
+
+    @property
+    def normalize_topk(self) -> bool:
+        return self.gate.normalize_topk
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[num_tokens, hidden_size]` -> (`[num_tokens, top_k]` int64 ids, float32 weights)."""
-        logits = self.gate(x)  # [num_tokens, num_experts], in the activation dtype like HF
-        if self.scoring == "softmax":
-            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        else:
-            scores = torch.sigmoid(logits.float())
-        weights, ids = torch.topk(scores, self.top_k, dim=-1)
-        if self.normalize_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights
+        return self.gate.route(x)
 
     def forward(self, x: torch.Tensor, experts: ExpertProvider,
                 observer: RoutingObserver | None = None) -> torch.Tensor:

@@ -18,8 +18,9 @@ import torch
 
 from mixserve.loading.errors import CheckpointError
 from mixserve.loading.gguf_config import gguf_hf_config
+from mixserve.loading.gguf_families import spec_for
 from mixserve.loading.gguf_io import GGUF_MAGIC, GGUFFile
-from mixserve.loading.gguf_names import Fix, PlannedTensor, spec_for, weight_plan
+from mixserve.loading.gguf_names import Fix, PlannedTensor, weight_plan
 from mixserve.loading.gguf_tokenizer import gguf_tokenizer
 from mixserve.loading.safetensors_io import SafetensorsSource
 from mixserve.loading.tokenizer import Tokenizer, load_hf_tokenizer

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mixserve.loading.errors import CheckpointError
-from mixserve.loading.gguf_names import ArchSpec, arch_key
+from mixserve.loading.gguf_names import ArchSpec
 
 
 def gguf_hf_config(path: object, gguf_arch: str, spec: ArchSpec, metadata: Mapping[str, Any],
@@ -62,7 +62,8 @@ def gguf_hf_config(path: object, gguf_arch: str, spec: ArchSpec, metadata: Mappi
         "use_cache": True,
         **_token_ids(metadata),
     }
-    _ARCH_EXTRAS[arch_key(gguf_arch, metadata)](config, opt, tensor_shapes)
+    if spec.config is not None:
+        spec.config(config, opt, tensor_shapes)
     return config
 
 
@@ -92,93 +93,3 @@ def _token_ids(metadata: Mapping[str, Any]) -> dict[str, int | None]:
         return int(value) if value is not None else None
     return {"bos_token_id": get("bos_token_id"), "eos_token_id": get("eos_token_id"),
             "pad_token_id": get("padding_token_id")}
-
-
-def _full_attention(config: dict[str, Any]) -> None:
-    n = config["num_hidden_layers"]
-    config.update(use_sliding_window=False, sliding_window=None, max_window_layers=n,
-                  layer_types=["full_attention"] * n)
-
-
-def _llama(config: dict[str, Any], opt: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    config.update(pretraining_tp=1, mlp_bias=False)
-
-
-def _qwen2(config: dict[str, Any], opt: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    _full_attention(config)
-
-
-def _qwen3(config: dict[str, Any], opt: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    _full_attention(config)
-
-
-def _experts(config: dict[str, Any], opt: Any, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int, int]:
-    """`(num_experts, top_k, expert_intermediate_size)`, falling back on tensor shapes."""
-    gate = shapes.get("blk.0.ffn_gate_exps.weight")
-    num_experts = int(opt("expert_count", gate[0] if gate else 0))
-    top_k = int(opt("expert_used_count", 0))
-    inter = int(opt("expert_feed_forward_length", gate[1] if gate else config["intermediate_size"] or 0))
-    if num_experts <= 0 or top_k <= 0:
-        raise CheckpointError("MoE GGUF without expert_count / expert_used_count metadata")
-    return num_experts, top_k, inter
-
-
-def _mixtral(config: dict[str, Any], opt: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    num_experts, top_k, inter = _experts(config, opt, shapes)
-    config.update(num_local_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=inter,
-                  sliding_window=None, router_jitter_noise=0.0, output_router_logits=False)
-
-
-def _qwen2_moe(config: dict[str, Any], opt: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    num_experts, top_k, inter = _experts(config, opt, shapes)
-    shared = shapes.get("blk.0.ffn_gate_shexp.weight")
-    config.update(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=inter,
-                  shared_expert_intermediate_size=int(opt("expert_shared_feed_forward_length",
-                                                          shared[0] if shared else 0)),
-                  norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True)
-    _full_attention(config)
-
-
-def _qwen3_moe(config: dict[str, Any], opt: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    num_experts, top_k, inter = _experts(config, opt, shapes)
-    # llama.cpp always renormalises qwen3-moe's top-k weights (transformers' GGUF default agrees).
-    config.update(num_experts=num_experts, num_local_experts=num_experts, num_experts_per_tok=top_k,
-                  moe_intermediate_size=inter, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
-    _full_attention(config)
-
-
-def _olmoe(config: dict[str, Any], opt: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    num_experts, top_k, inter = _experts(config, opt, shapes)
-    config.update(num_experts=num_experts, num_experts_per_tok=top_k, intermediate_size=inter,
-                  norm_topk_prob=False, clip_qkv=None)
-
-
-def _gemma3(config: dict[str, Any], opt: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    n = config["num_hidden_layers"]
-    # llama.cpp: every 6th layer is global unless the file says otherwise (a period, or one bool per
-    # layer, True meaning sliding); local layers use rope base 10000.
-    pattern = opt("attention.sliding_window_pattern", 6)
-    if isinstance(pattern, list):
-        sliding = [bool(p) for p in pattern][:n]
-        period = next((i + 1 for i, s in enumerate(sliding) if not s), n)
-    else:
-        period = int(pattern)
-        sliding = [(i + 1) % period != 0 for i in range(n)]
-    local_theta = float(opt("rope.freq_base_swa", 10000.0))
-    full = dict(config["rope_parameters"])
-    # llama.cpp: query scale 1/sqrt(head_dim), except the 62-layer 27B which uses hidden/heads.
-    scalar = config["hidden_size"] // config["num_attention_heads"] if n == 62 else config["head_dim"]
-    config.update(
-        hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=scalar, sliding_window=int(opt("attention.sliding_window", 4096)),
-        sliding_window_pattern=period, _sliding_window_pattern=period,
-        layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
-        rope_local_base_freq=local_theta,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
-                         "full_attention": full},
-        final_logit_softcapping=opt("final_logit_softcapping"),
-        attn_logit_softcapping=opt("attn_logit_softcapping"), use_bidirectional_attention=False)
-
-
-_ARCH_EXTRAS = {"llama": _llama, "mixtral": _mixtral, "qwen2": _qwen2, "qwen3": _qwen3, "gemma3": _gemma3,
-                "qwen2moe": _qwen2_moe, "qwen3moe": _qwen3_moe, "olmoe": _olmoe}

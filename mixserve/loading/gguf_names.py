@@ -7,15 +7,17 @@ which `Fix` undoes llama.cpp's change:
   (`convert_hf_to_gguf.py: LlamaModel.permute`); `Fix.UNPERMUTE_*` restores HF's half-split order.
 - Gemma stores RMSNorm weights as `w + 1` (HF computes `x * (1 + w)`); `Fix.MINUS_ONE` undoes it.
 - Qwen2-MoE's shared-expert gate is stored as `[hidden]`; HF has `[1, hidden]`.
-The config half lives in `gguf_config.py`.
+The config half lives in `gguf_config.py`; each family's names and config keys are one row of
+`gguf_families.ARCH_SPECS`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from mixserve.loading.errors import CheckpointError
 
@@ -28,6 +30,10 @@ class Fix(Enum):
     UNPERMUTE_K = "unpermute_k"
     MINUS_ONE = "minus_one"
     UNSQUEEZE0 = "unsqueeze0"
+
+
+ConfigExtras = Callable[[dict[str, Any], Callable[..., Any], Mapping[str, tuple[int, ...]]], None]
+"""(config, opt(key, default), tensor shapes) -> None: fills family keys into `config` in place."""
 
 
 @dataclass(frozen=True)
@@ -44,37 +50,9 @@ class ArchSpec:
     """`gate`/`up`/`down` -> HF leaf module name of one expert."""
     permute_qk: bool = False
     norm_plus_one: bool = False
+    config: ConfigExtras | None = None
+    """Adds the family's own keys to the HF config dict `gguf_config.gguf_hf_config` builds."""
 
-
-_DENSE = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_GEMMA3 = {**_DENSE, "post_attention_norm": "post_attention_layernorm",
-           "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
-_MOE_MLP = {**_DENSE, "ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
-            "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
-            "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
-_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-
-ARCH_SPECS: dict[str, ArchSpec] = {
-    "llama": ArchSpec("LlamaForCausalLM", "llama", _DENSE, permute_qk=True),
-    "mixtral": ArchSpec("MixtralForCausalLM", "mixtral", {**_DENSE, "ffn_gate_inp": "block_sparse_moe.gate"},
-                        expert_prefix="block_sparse_moe.experts.{e}",
-                        expert_names={"gate": "w1", "up": "w3", "down": "w2"}, permute_qk=True),
-    "qwen2": ArchSpec("Qwen2ForCausalLM", "qwen2", _DENSE),
-    "qwen3": ArchSpec("Qwen3ForCausalLM", "qwen3", _DENSE),
-    "gemma3": ArchSpec("Gemma3ForCausalLM", "gemma3_text", _GEMMA3, norm_plus_one=True),
-    "qwen2moe": ArchSpec("Qwen2MoeForCausalLM", "qwen2_moe", _MOE_MLP,
-                         expert_prefix="mlp.experts.{e}", expert_names=_PROJ),
-    "qwen3moe": ArchSpec("Qwen3MoeForCausalLM", "qwen3_moe", _MOE_MLP,
-                         expert_prefix="mlp.experts.{e}", expert_names=_PROJ),
-    "olmoe": ArchSpec("OlmoeForCausalLM", "olmoe", _MOE_MLP,
-                      expert_prefix="mlp.experts.{e}", expert_names=_PROJ),
-}
-"""Keyed by GGUF `general.architecture`, except "mixtral": a llama GGUF that has experts."""
 
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _IGNORED = {"rope_freqs.weight"}  # llama3 rope factors, recomputed from config; never an HF tensor
@@ -91,21 +69,6 @@ class PlannedTensor:
     expert: int | None
     """Slice index along dim 0 of a stacked expert tensor, or None for the whole tensor."""
     fix: Fix
-
-
-def arch_key(gguf_arch: str, metadata: Mapping[str, object]) -> str:
-    """`ARCH_SPECS` key for a file: llama with `llama.expert_count > 0` is Mixtral."""
-    if gguf_arch == "llama" and int(metadata.get("llama.expert_count", 0) or 0) > 0:  # type: ignore[call-overload]
-        return "mixtral"
-    return gguf_arch
-
-
-def spec_for(path: object, gguf_arch: str, metadata: Mapping[str, object]) -> ArchSpec:
-    key = arch_key(gguf_arch, metadata)
-    if key not in ARCH_SPECS:
-        known = sorted(k for k in ARCH_SPECS if k != "mixtral")
-        raise CheckpointError(f"{path}: GGUF architecture {gguf_arch!r} is not supported; supported: {known}")
-    return ARCH_SPECS[key]
 
 
 def weight_plan(path: object, spec: ArchSpec, tensor_shapes: Mapping[str, tuple[int, ...]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, cast
 
 import torch
@@ -21,17 +22,12 @@ from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
 from mixserve.layers.linear import Linear
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
-from mixserve.models.base import WeightError
+from mixserve.models.base import KVCacheSpec, WeightError, check_layer_range
+from mixserve.models.hf_config import require
 from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 RopeSpec = tuple[float, dict[str, Any] | None]
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"gemma3 config is missing required key {key!r}")
-    return cfg[key]
 
 
 def _sliding_layers(cfg: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
@@ -102,8 +98,8 @@ class Gemma3Args:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> Gemma3Args:
-        num_heads = int(_require(cfg, "num_attention_heads"))
-        num_layers = int(_require(cfg, "num_hidden_layers"))
+        num_heads = int(require(cfg, "num_attention_heads", "gemma3"))
+        num_layers = int(require(cfg, "num_hidden_layers", "gemma3"))
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
         if act != "gelu_pytorch_tanh":
             raise ValueError(f"gemma3: unsupported hidden_activation {act!r} (only 'gelu_pytorch_tanh')")
@@ -113,9 +109,9 @@ class Gemma3Args:
         final_cap = cfg.get("final_logit_softcapping")
         attn_cap = cfg.get("attn_logit_softcapping")
         return Gemma3Args(
-            vocab_size=int(_require(cfg, "vocab_size")),
-            hidden_size=int(_require(cfg, "hidden_size")),
-            intermediate_size=int(_require(cfg, "intermediate_size")),
+            vocab_size=int(require(cfg, "vocab_size", "gemma3")),
+            hidden_size=int(require(cfg, "hidden_size", "gemma3")),
+            intermediate_size=int(require(cfg, "intermediate_size", "gemma3")),
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
@@ -201,16 +197,6 @@ class Gemma3Model(nn.Module):
             for sliding in args.sliding_layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache]) -> torch.Tensor:
-        # Both RoPE tables once per step, shared by every layer of their kind.
-        local_cos_sin = self.rotary_local.cos_sin(positions)
-        global_cos_sin = self.rotary_global.cos_sin(positions)
-        x = self.embed_tokens(input_ids) * self.embed_scale  # [num_tokens, hidden_size]
-        for layer, sliding, kv_cache in zip(self.layers, self.sliding_layers, kv_caches):
-            x = layer(x, local_cos_sin if sliding else global_cos_sin, kv_cache, meta)
-        return self.norm(x)
-
 
 class Gemma3ForCausalLM(nn.Module):
     """Gemma3 text over the paged KV cache (the `CausalLM` contract of `models/base.py`)."""
@@ -223,17 +209,35 @@ class Gemma3ForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = cast(nn.Parameter, self.model.embed_tokens.weight)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache]) -> torch.Tensor:
-        return self.model(input_ids, positions, meta, kv_caches)  # [num_tokens, hidden_size]
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids) * self.model.embed_scale  # [num_tokens, hidden_size]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()  # [n, vocab_size]
+    def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[KVCache], start: int, end: int) -> torch.Tensor:
+        check_layer_range(start, end, self.args.num_hidden_layers, kv_caches)
+        # Both RoPE tables once per stage, shared by every layer of their kind.
+        local_cos_sin = self.model.rotary_local.cos_sin(positions)
+        global_cos_sin = self.model.rotary_global.cos_sin(positions)
+        blocks = zip(islice(self.model.layers, start, end), self.args.sliding_layers[start:end], kv_caches)
+        for layer, sliding, kv_cache in blocks:
+            hidden = layer(hidden, local_cos_sin if sliding else global_cos_sin, kv_cache, meta)
+        return hidden  # [num_tokens, hidden_size]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.model.norm(hidden)).float()  # [n, vocab_size]
         cap = self.args.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def kv_cache_shapes(self) -> list[tuple[int, int]]:
-        return [(self.args.num_key_value_heads, self.args.head_dim)] * self.args.num_hidden_layers
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        """The whole model: `[num_tokens, vocab_size]` float32 logits of every token."""
+        hidden = self.forward_layers(self.embed(input_ids), positions, meta, kv_caches,
+                                     0, self.args.num_hidden_layers)
+        return self.head(hidden)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        a = self.args
+        return KVCacheSpec.uniform(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF tensors in; q/k/v and gate/up land in row ranges of the fused projections."""

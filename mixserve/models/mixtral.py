@@ -10,37 +10,26 @@ a GGUF `*_exps` tensor maps here too).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
-from mixserve.experts.provider import (
-    ExpertKey,
-    ExpertProj,
-    ExpertProvider,
-    InMemoryExpertProvider,
-    load_expert,
-)
+from mixserve.experts.provider import ExpertProvider
 from mixserve.experts.trace import RoutingObserver
 from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
+from mixserve.layers.expert_slot import ExpertNames, ExpertSlot, load_moe_weights, moe_splits
 from mixserve.layers.linear import Linear
 from mixserve.layers.moe import MoE
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
-from mixserve.models.base import WeightError
-from mixserve.models.weights import Splits, copy_into, fused_targets
+from mixserve.models.base import KVCacheSpec, check_layer_range
+from mixserve.models.hf_config import attention_shape, num_experts, require, require_silu, rope
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"mixtral config is missing required key {key!r}")
-    return cfg[key]
 
 
 @dataclass(frozen=True)
@@ -85,29 +74,23 @@ class MixtralArgs:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> MixtralArgs:
-        num_heads = int(_require(cfg, "num_attention_heads"))
-        hidden_size = int(_require(cfg, "hidden_size"))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"mixtral: unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
-        num_experts = cfg.get("num_local_experts", cfg.get("num_experts"))
-        if num_experts is None:
-            raise ValueError("mixtral config is missing required key 'num_local_experts'")
-        # HF 5.x nests theta and scaling under `rope_parameters`; 4.x has `rope_theta`/`rope_scaling`.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 1e6))
+        hidden_size, num_heads, num_kv_heads, head_dim = attention_shape(cfg, "mixtral")
+        require_silu(cfg, "mixtral")
+        experts = num_experts(cfg, "mixtral", "num_local_experts", "num_experts")
+        theta, scaling = rope(cfg, 1e6)
         return MixtralArgs(
-            vocab_size=int(_require(cfg, "vocab_size")),
+            vocab_size=int(require(cfg, "vocab_size", "mixtral")),
             hidden_size=hidden_size,
-            intermediate_size=int(_require(cfg, "intermediate_size")),
-            num_hidden_layers=int(_require(cfg, "num_hidden_layers")),
+            intermediate_size=int(require(cfg, "intermediate_size", "mixtral")),
+            num_hidden_layers=int(require(cfg, "num_hidden_layers", "mixtral")),
             num_attention_heads=num_heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden_size // num_heads),
-            num_experts=int(num_experts),
-            top_k=int(_require(cfg, "num_experts_per_tok")),
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            num_experts=experts,
+            top_k=int(require(cfg, "num_experts_per_tok", "mixtral")),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta),
-            rope_scaling=dict(rope) if rope else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=cfg.get("sliding_window"),
         )
@@ -162,22 +145,9 @@ class MixtralModel(nn.Module):
                                     for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache], experts: ExpertProvider,
-                observer: RoutingObserver | None) -> torch.Tensor:
-        cos_sin = self.rotary.cos_sin(positions)  # once per step, shared by every layer
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta, experts, observer)
-        return self.norm(x)
 
-
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3)\.weight")
-_FUSED = re.compile(
-    r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)")
-_PROJ = {"w1": ExpertProj.GATE, "w3": ExpertProj.UP, "w2": ExpertProj.DOWN, "gate_proj": ExpertProj.GATE,
-         "up_proj": ExpertProj.UP, "gate_up_proj": ExpertProj.GATE_UP, "down_proj": ExpertProj.DOWN}
-_HF_NAME = {ExpertProj.GATE: "w1", ExpertProj.UP: "w3", ExpertProj.DOWN: "w2"}
+EXPERT_NAMES = ExpertNames("block_sparse_moe", "w1", "w3", "w2", aliases=("mlp",))
+"""Where this family's checkpoints keep expert tensors (also the GGUF expert names)."""
 
 
 class MixtralForCausalLM(nn.Module):
@@ -185,7 +155,8 @@ class MixtralForCausalLM(nn.Module):
 
     `experts` is the `ExpertProvider` every MoE layer borrows weights from (an all-resident
     `InMemoryExpertProvider`, filled by `load_weights`, until `set_expert_provider`); a
-    `RoutingObserver` set with `set_routing_observer` sees every routing decision.
+    `RoutingObserver` set with `set_routing_observer` sees every routing decision. Both live in
+    `expert_slot` (`layers/expert_slot.py`).
     """
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
@@ -197,66 +168,56 @@ class MixtralForCausalLM(nn.Module):
             tied = self.model.embed_tokens.weight
             assert isinstance(tied, nn.Parameter)
             self.lm_head.weight = tied
-        self.experts: ExpertProvider = InMemoryExpertProvider(
-            list(range(args.num_hidden_layers)), args.num_experts, args.hidden_size, args.intermediate_size)
-        self.routing_observer: RoutingObserver | None = None
+        self.expert_slot = ExpertSlot(list(range(args.num_hidden_layers)), args.num_experts, args.hidden_size,
+                                      args.intermediate_size)
+
+    @property
+    def experts(self) -> ExpertProvider:
+        return self.expert_slot.provider
 
     def set_expert_provider(self, provider: ExpertProvider) -> None:
-        del self.experts  # drops the registered submodule, if the current provider is one
-        self.experts = provider
+        self.expert_slot.set_provider(provider)
 
     def set_routing_observer(self, observer: RoutingObserver | None) -> None:
-        self.routing_observer = observer
+        self.expert_slot.observer = observer
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+
+    def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[KVCache], start: int, end: int) -> torch.Tensor:
+        """Blocks `[start, end)`; the routing observer's step begins with the range that starts at 0."""
+        check_layer_range(start, end, self.args.num_hidden_layers, kv_caches)
+        slot = self.expert_slot
+        observer = slot.begin_step(positions, meta.query_lens) if start == 0 else slot.observer
+        cos_sin = self.model.rotary.cos_sin(positions)  # once per stage, shared by its layers
+        for layer, kv_cache in zip(islice(self.model.layers, start, end), kv_caches):
+            hidden = layer(hidden, cos_sin, kv_cache, meta, self.experts, observer)
+        return hidden  # [num_tokens, hidden_size]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden)).float()  # [n, vocab_size]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
-        observer = self.routing_observer
-        if observer is not None:
-            observer.begin_step(positions, meta.query_lens)
-        return self.model(input_ids, positions, meta, kv_caches, self.experts, observer)
+        """The whole model: `[num_tokens, vocab_size]` float32 logits of every token."""
+        hidden = self.forward_layers(self.embed(input_ids), positions, meta, kv_caches,
+                                     0, self.args.num_hidden_layers)
+        return self.head(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [n, vocab_size]
+    def kv_cache_spec(self) -> KVCacheSpec:
+        a = self.args
+        return KVCacheSpec.uniform(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
 
-    def kv_cache_shapes(self) -> list[tuple[int, int]]:
-        return [(self.args.num_key_value_heads, self.args.head_dim)] * self.args.num_hidden_layers
-
-    @staticmethod
-    def expert_key(name: str) -> ExpertKey | None:
-        """Where HF tensor `name` goes among the expert weights; None if it is not an expert tensor."""
-        if m := _EXPERT.fullmatch(name):
-            return ExpertKey(int(m[1]), int(m[2]), _PROJ[m[3]])
-        if m := _FUSED.fullmatch(name):
-            return ExpertKey(int(m[1]), None, _PROJ[m[2]])
-        return None
+    expert_key = staticmethod(EXPERT_NAMES.key)
+    """Where HF tensor `name` goes among the expert weights; None if it is not an expert tensor."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF tensors in: experts into the in-memory provider, q/k/v into the fused qkv rows."""
-        # With a store-backed provider set (set_expert_provider), experts come from that store and the
-        # checkpoint must hold none; else they fill the in-memory provider.
-        store = self.experts if isinstance(self.experts, InMemoryExpertProvider) else None
-        if store is not None:
-            store.begin_loading()
+        """Copy HF tensors in: experts into the in-memory provider (the checkpoint must hold none once a
+        provider is set), q/k/v and gate/up into the fused rows."""
         args = self.args
         q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-        targets = fused_targets(self.model, _splits(q, kv), "model")
-        targets.update(fused_targets(self.lm_head, _splits(q, kv), "lm_head"))
-        for name, tensor in weights:
-            key = self.expert_key(name)
-            if key is not None:
-                load_expert(store, key, tensor, name)
-            elif not (name.endswith("rotary_emb.inv_freq")
-                      or (args.tie_word_embeddings and name == "lm_head.weight")):
-                # HF 5.x in-memory names call the MoE block `mlp`; checkpoints say `block_sparse_moe`.
-                copy_into(targets, name.replace(".mlp.gate.", ".block_sparse_moe.gate."), tensor)
-        if targets:
-            raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")
-        if store is not None and (missing := store.missing()):
-            layer_idx, e, proj = missing[0]
-            raise WeightError(f"checkpoint is missing {len(missing)} expert tensor(s), e.g. "
-                              f"'model.layers.{layer_idx}.block_sparse_moe.experts.{e}.{_HF_NAME[proj]}.weight'")
-
-
-def _splits(q_size: int, kv_size: int) -> Splits:
-    return {"qkv_proj": [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)],
-            "gate_up_proj": [("gate_proj", None), ("up_proj", None)]}
+        # HF 5.x in-memory names call the MoE block `mlp`; checkpoints say `block_sparse_moe`.
+        load_moe_weights({"model": self.model, "lm_head": self.lm_head}, moe_splits(q, kv), weights,
+                         self.expert_slot.loader, EXPERT_NAMES, tied=args.tie_word_embeddings,
+                         rename=lambda name: name.replace(".mlp.gate.", ".block_sparse_moe.gate."))

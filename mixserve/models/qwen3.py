@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, cast
 
 import torch
@@ -18,29 +19,11 @@ from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
 from mixserve.layers.linear import Linear
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
-from mixserve.models.base import WeightError
+from mixserve.models.base import KVCacheSpec, WeightError, check_layer_range
+from mixserve.models.hf_config import attention_shape, require, require_silu, rope, window_layers
 from mixserve.models.weights import Splits, copy_into, fused_targets
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"qwen3 config is missing required key {key!r}")
-    return cfg[key]
-
-
-def _sliding_layers(cfg: dict[str, Any], num_layers: int, window: int | None) -> tuple[bool, ...]:
-    """Which layers use the window: `layer_types` when given, else layers from `max_window_layers` on."""
-    if window is None:
-        return (False,) * num_layers
-    types = cfg.get("layer_types")
-    if types is not None:
-        if len(types) != num_layers:
-            raise ValueError(f"qwen3: layer_types has {len(types)} entries for {num_layers} layers")
-        return tuple(t == "sliding_attention" for t in types)
-    first = int(cfg.get("max_window_layers", 28))
-    return tuple(i >= first for i in range(num_layers))
 
 
 @dataclass(frozen=True)
@@ -78,30 +61,26 @@ class Qwen3Args:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> Qwen3Args:
-        num_heads = int(_require(cfg, "num_attention_heads"))
-        hidden_size = int(_require(cfg, "hidden_size"))
-        num_layers = int(_require(cfg, "num_hidden_layers"))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"qwen3: unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
-        # HF 5.x nests theta and scaling under `rope_parameters`; 4.x has `rope_theta`/`rope_scaling`.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        hidden_size, num_heads, num_kv_heads, head_dim = attention_shape(cfg, "qwen3", default_head_dim=128)
+        num_layers = int(require(cfg, "num_hidden_layers", "qwen3"))
+        require_silu(cfg, "qwen3")
+        theta, scaling = rope(cfg, 10000.0)
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
         return Qwen3Args(
-            vocab_size=int(_require(cfg, "vocab_size")),
+            vocab_size=int(require(cfg, "vocab_size", "qwen3")),
             hidden_size=hidden_size,
-            intermediate_size=int(_require(cfg, "intermediate_size")),
+            intermediate_size=int(require(cfg, "intermediate_size", "qwen3")),
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or 128),
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=dict(rope) if rope else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             attention_bias=bool(cfg.get("attention_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=window,
-            sliding_layers=_sliding_layers(cfg, num_layers, window),
+            sliding_layers=window_layers(cfg, num_layers, window, "qwen3"),
         )
 
 
@@ -167,14 +146,6 @@ class Qwen3Model(nn.Module):
             for sliding in args.sliding_layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache]) -> torch.Tensor:
-        cos_sin = self.rotary.cos_sin(positions)  # once per step, shared by every layer
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
-        return self.norm(x)
-
 
 class Qwen3ForCausalLM(nn.Module):
     """Qwen3 over the paged KV cache (the `CausalLM` contract of `models/base.py`)."""
@@ -187,15 +158,30 @@ class Qwen3ForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = cast(nn.Parameter, self.model.embed_tokens.weight)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+
+    def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[KVCache], start: int, end: int) -> torch.Tensor:
+        check_layer_range(start, end, self.args.num_hidden_layers, kv_caches)
+        cos_sin = self.model.rotary.cos_sin(positions)  # once per stage, shared by its layers
+        for layer, kv_cache in zip(islice(self.model.layers, start, end), kv_caches):
+            hidden = layer(hidden, cos_sin, kv_cache, meta)
+        return hidden  # [num_tokens, hidden_size]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden)).float()  # [n, vocab_size]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
-        return self.model(input_ids, positions, meta, kv_caches)  # [num_tokens, hidden_size]
+        """The whole model: `[num_tokens, vocab_size]` float32 logits of every token."""
+        hidden = self.forward_layers(self.embed(input_ids), positions, meta, kv_caches,
+                                     0, self.args.num_hidden_layers)
+        return self.head(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [n, vocab_size]
-
-    def kv_cache_shapes(self) -> list[tuple[int, int]]:
-        return [(self.args.num_key_value_heads, self.args.head_dim)] * self.args.num_hidden_layers
+    def kv_cache_spec(self) -> KVCacheSpec:
+        a = self.args
+        return KVCacheSpec.uniform(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF tensors in; q/k/v and gate/up land in row ranges of the fused projections."""

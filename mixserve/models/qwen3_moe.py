@@ -12,37 +12,26 @@ or from 3-D all-expert tensors `mlp.experts.{gate_up_proj,gate_proj,up_proj,down
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
-from mixserve.experts.provider import (
-    ExpertKey,
-    ExpertProj,
-    ExpertProvider,
-    InMemoryExpertProvider,
-    load_expert,
-)
+from mixserve.experts.provider import ExpertProvider
 from mixserve.experts.trace import RoutingObserver
 from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
+from mixserve.layers.expert_slot import ExpertNames, ExpertSlot, load_moe_weights, moe_splits
 from mixserve.layers.linear import Linear
 from mixserve.layers.moe import GatedMLP, MoE
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
-from mixserve.models.base import WeightError
-from mixserve.models.weights import Splits, copy_into, fused_targets
+from mixserve.models.base import KVCacheSpec, check_layer_range
+from mixserve.models.hf_config import attention_shape, num_experts, require, require_silu, rope, sparse_layer_ids
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"qwen3_moe config is missing required key {key!r}")
-    return cfg[key]
 
 
 @dataclass(frozen=True)
@@ -95,37 +84,28 @@ class Qwen3MoeArgs:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> Qwen3MoeArgs:
-        num_heads = int(_require(cfg, "num_attention_heads"))
-        hidden_size = int(_require(cfg, "hidden_size"))
-        num_layers = int(_require(cfg, "num_hidden_layers"))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"qwen3_moe: unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
-        num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
-        if num_experts is None:
-            raise ValueError("qwen3_moe config is missing required key 'num_experts'")
-        step = int(cfg.get("decoder_sparse_step") or 1)
-        mlp_only = set(cfg.get("mlp_only_layers") or [])
-        moe_layers = tuple(i for i in range(num_layers)
-                           if i not in mlp_only and int(num_experts) > 0 and (i + 1) % step == 0)
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+        hidden_size, num_heads, num_kv_heads, head_dim = attention_shape(cfg, "qwen3_moe")
+        num_layers = int(require(cfg, "num_hidden_layers", "qwen3_moe"))
+        require_silu(cfg, "qwen3_moe")
+        experts = num_experts(cfg, "qwen3_moe", "num_experts", "num_local_experts")
+        theta, scaling = rope(cfg, 10000.0)
         return Qwen3MoeArgs(
-            vocab_size=int(_require(cfg, "vocab_size")),
+            vocab_size=int(require(cfg, "vocab_size", "qwen3_moe")),
             hidden_size=hidden_size,
-            intermediate_size=int(_require(cfg, "intermediate_size")),
-            moe_intermediate_size=int(_require(cfg, "moe_intermediate_size")),
+            intermediate_size=int(require(cfg, "intermediate_size", "qwen3_moe")),
+            moe_intermediate_size=int(require(cfg, "moe_intermediate_size", "qwen3_moe")),
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden_size // num_heads),
-            num_experts=int(num_experts),
-            top_k=int(_require(cfg, "num_experts_per_tok")),
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            num_experts=experts,
+            top_k=int(require(cfg, "num_experts_per_tok", "qwen3_moe")),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-            moe_layer_ids=moe_layers,
+            moe_layer_ids=sparse_layer_ids(cfg, num_layers, experts),
             attention_bias=bool(cfg.get("attention_bias", False)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=dict(rope) if rope else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
         )
@@ -187,21 +167,9 @@ class Qwen3MoeModel(nn.Module):
                                     for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache], experts: ExpertProvider,
-                observer: RoutingObserver | None) -> torch.Tensor:
-        cos_sin = self.rotary.cos_sin(positions)  # once per step, shared by every layer
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta, experts, observer)
-        return self.norm(x)
 
-
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
-_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)")
-_PROJ = {"gate_proj": ExpertProj.GATE, "up_proj": ExpertProj.UP, "down_proj": ExpertProj.DOWN,
-         "gate_up_proj": ExpertProj.GATE_UP}
-_HF_NAME = {ExpertProj.GATE: "gate_proj", ExpertProj.UP: "up_proj", ExpertProj.DOWN: "down_proj"}
+EXPERT_NAMES = ExpertNames("mlp", "gate_proj", "up_proj", "down_proj")
+"""Where this family's checkpoints keep expert tensors (also the GGUF expert names)."""
 
 
 class Qwen3MoeForCausalLM(nn.Module):
@@ -209,7 +177,8 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     `experts` is the `ExpertProvider` every MoE layer borrows weights from (an all-resident
     `InMemoryExpertProvider`, filled by `load_weights`, until `set_expert_provider`); a
-    `RoutingObserver` set with `set_routing_observer` sees every routing decision.
+    `RoutingObserver` set with `set_routing_observer` sees every routing decision. Both live in
+    `expert_slot` (`layers/expert_slot.py`).
     """
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
@@ -221,65 +190,54 @@ class Qwen3MoeForCausalLM(nn.Module):
             tied = self.model.embed_tokens.weight
             assert isinstance(tied, nn.Parameter)
             self.lm_head.weight = tied
-        self.experts: ExpertProvider = InMemoryExpertProvider(
-            list(args.moe_layer_ids), args.num_experts, args.hidden_size, args.moe_intermediate_size)
-        self.routing_observer: RoutingObserver | None = None
+        self.expert_slot = ExpertSlot(list(args.moe_layer_ids), args.num_experts, args.hidden_size,
+                                      args.moe_intermediate_size)
+
+    @property
+    def experts(self) -> ExpertProvider:
+        return self.expert_slot.provider
 
     def set_expert_provider(self, provider: ExpertProvider) -> None:
-        del self.experts  # drops the registered submodule, if the current provider is one
-        self.experts = provider
+        self.expert_slot.set_provider(provider)
 
     def set_routing_observer(self, observer: RoutingObserver | None) -> None:
-        self.routing_observer = observer
+        self.expert_slot.observer = observer
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+
+    def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_caches: list[KVCache], start: int, end: int) -> torch.Tensor:
+        """Blocks `[start, end)`; the routing observer's step begins with the range that starts at 0."""
+        check_layer_range(start, end, self.args.num_hidden_layers, kv_caches)
+        slot = self.expert_slot
+        observer = slot.begin_step(positions, meta.query_lens) if start == 0 else slot.observer
+        cos_sin = self.model.rotary.cos_sin(positions)  # once per stage, shared by its layers
+        for layer, kv_cache in zip(islice(self.model.layers, start, end), kv_caches):
+            hidden = layer(hidden, cos_sin, kv_cache, meta, self.experts, observer)
+        return hidden  # [num_tokens, hidden_size]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(hidden)).float()  # [n, vocab_size]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
-        observer = self.routing_observer
-        if observer is not None:
-            observer.begin_step(positions, meta.query_lens)
-        return self.model(input_ids, positions, meta, kv_caches, self.experts, observer)
+        """The whole model: `[num_tokens, vocab_size]` float32 logits of every token."""
+        hidden = self.forward_layers(self.embed(input_ids), positions, meta, kv_caches,
+                                     0, self.args.num_hidden_layers)
+        return self.head(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [n, vocab_size]
+    def kv_cache_spec(self) -> KVCacheSpec:
+        a = self.args
+        return KVCacheSpec.uniform(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
 
-    def kv_cache_shapes(self) -> list[tuple[int, int]]:
-        return [(self.args.num_key_value_heads, self.args.head_dim)] * self.args.num_hidden_layers
-
-    @staticmethod
-    def expert_key(name: str) -> ExpertKey | None:
-        """Where HF tensor `name` goes among the expert weights; None if it is not an expert tensor."""
-        if m := _EXPERT.fullmatch(name):
-            return ExpertKey(int(m[1]), int(m[2]), _PROJ[m[3]])
-        if m := _FUSED.fullmatch(name):
-            return ExpertKey(int(m[1]), None, _PROJ[m[2]])
-        return None
+    expert_key = staticmethod(EXPERT_NAMES.key)
+    """Where HF tensor `name` goes among the expert weights; None if it is not an expert tensor."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF tensors in: experts into the in-memory provider, q/k/v and gate/up into fused rows."""
-        # With a store-backed provider set (set_expert_provider), experts come from that store and the
-        # checkpoint must hold none; else they fill the in-memory provider.
-        store = self.experts if isinstance(self.experts, InMemoryExpertProvider) else None
-        if store is not None:
-            store.begin_loading()
+        """Copy HF tensors in: experts into the in-memory provider (the checkpoint must hold none once a
+        provider is set), q/k/v and gate/up into the fused rows."""
         args = self.args
         q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-        targets = fused_targets(self.model, _splits(q, kv), "model")
-        targets.update(fused_targets(self.lm_head, _splits(q, kv), "lm_head"))
-        for name, tensor in weights:
-            key = self.expert_key(name)
-            if key is not None:
-                load_expert(store, key, tensor, name)
-            elif not (name.endswith("rotary_emb.inv_freq")
-                      or (args.tie_word_embeddings and name == "lm_head.weight")):
-                copy_into(targets, name, tensor)
-        if targets:
-            raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")
-        if store is not None and (missing := store.missing()):
-            layer_idx, e, proj = missing[0]
-            raise WeightError(f"checkpoint is missing {len(missing)} expert tensor(s), e.g. "
-                              f"'model.layers.{layer_idx}.mlp.experts.{e}.{_HF_NAME[proj]}.weight'")
-
-
-def _splits(q_size: int, kv_size: int) -> Splits:
-    return {"qkv_proj": [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)],
-            "gate_up_proj": [("gate_proj", None), ("up_proj", None)]}
+        load_moe_weights({"model": self.model, "lm_head": self.lm_head}, moe_splits(q, kv), weights,
+                         self.expert_slot.loader, EXPERT_NAMES, tied=args.tie_word_embeddings)

@@ -1,9 +1,14 @@
 """SchedulerOutput -> tensors -> model -> logits -> sampler -> RunnerOutput.
 
-The runner owns the KV cache tensors (one `[num_slots, num_kv_heads, head_dim]` pair per layer)
-and the per-request random generators. Sequences are regrouped for attention: every single-token
+The runner owns the KV cache tensors of its layers (per layer, K `[num_slots, num_kv_heads,
+k_head_size]` and V `[num_slots, num_kv_heads, v_head_size]`, from the model's `KVCacheSpec`) and
+the per-request random generators. Sequences are regrouped for attention: every single-token
 (decode) sequence in one group, each longer chunk in its own, so decodes are never padded to a
 prefill's length.
+
+A runner owns a contiguous layer range `[start, end)` of the model (all of it by default). The one
+owning layer 0 embeds the step's tokens, any other takes the previous stage's `StageBoundary`; the
+one owning the last layer samples (`execute`), any other hands its hidden states on (`execute_stage`).
 """
 
 from __future__ import annotations
@@ -13,46 +18,80 @@ import torch
 from mixserve.engine.engine import RunnerOutput
 from mixserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from mixserve.layers.attention import AttentionMetadata, KVCache
+from mixserve.models.base import CausalLM, KVCacheSpec
 from mixserve.runner.batch import build_group
+from mixserve.runner.stage import StageBoundary, batch_order
 from mixserve.sample import Sampler, SamplingRow, prompt_logprobs
 
 
-def kv_bytes_per_block(shapes: list[tuple[int, int]], block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block across all layers."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * block_size * heads * dim * elem for heads, dim in shapes)
+def kv_bytes_per_block(spec: KVCacheSpec, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one block across the layers of `spec`."""
+    return block_size * spec.bytes_per_token(torch.empty((), dtype=dtype).element_size())
 
 
-def allocate_kv_caches(shapes: list[tuple[int, int]], num_blocks: int, block_size: int,
+def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, block_size: int,
                        dtype: torch.dtype) -> list[KVCache]:
+    """One zeroed (K, V) pair per layer of `spec`, in layer order."""
     slots = num_blocks * block_size
-    return [(torch.zeros(slots, h, d, dtype=dtype), torch.zeros(slots, h, d, dtype=dtype))
-            for h, d in shapes]
+    return [(torch.zeros(slots, s.num_kv_heads, s.k_head_size, dtype=dtype),
+             torch.zeros(slots, s.num_kv_heads, s.v_head_size, dtype=dtype)) for s in spec.layers]
 
 
 class TorchModelRunner:
-    """Executes scheduled steps on a `CausalLM` module (see `mixserve.models.base`)."""
+    """Executes scheduled steps on the layers `[start, end)` of a `CausalLM` (`layers`, default all)."""
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 eos_token_ids: tuple[int, ...], seed: int = 0, layers: tuple[int, int] | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.dtype = dtype
-        self.kv_caches = allocate_kv_caches(model.kv_cache_shapes(),  # type: ignore[operator]
-                                            num_blocks, block_size, dtype)
+        spec = model.kv_cache_spec()
+        self.num_layers = spec.end
+        self.kv_spec = spec if layers is None else spec.slice(*layers)
+        self.start, self.end = self.kv_spec.start, self.kv_spec.end
+        self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, block_size, dtype)
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(torch.Generator().manual_seed(seed))
         self.generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, step: SchedulerOutput | StageBoundary) -> RunnerOutput:
+        """Run this runner's layers on one step and sample; the runner must own the last layer.
+        `step` is the scheduler's output when it owns layer 0, else the previous stage's boundary."""
+        if self.end != self.num_layers:
+            raise ValueError(f"runner of layers [{self.start}, {self.end}) cannot sample: the last "
+                             f"layer is {self.num_layers - 1}; use execute_stage")
+        out = step.step if isinstance(step, StageBoundary) else step
         for rid in out.finished_request_ids:
             self.generators.pop(rid, None)
-        self._copy_blocks(out)
-        seqs = sorted(out.seqs, key=lambda s: s.num_tokens != 1)  # decodes first, stable
-        input_ids, positions, meta = self._prepare(seqs)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        seqs, hidden = self._run(step)
         return self._sample(seqs, hidden)
+
+    @torch.inference_mode()
+    def execute_stage(self, step: SchedulerOutput | StageBoundary) -> StageBoundary:
+        """Run this runner's layers on one step and hand the hidden states to the stage owning `end`."""
+        seqs, hidden = self._run(step)
+        return StageBoundary(step.step if isinstance(step, StageBoundary) else step, hidden, self.end)
+
+    def _run(self, step: SchedulerOutput | StageBoundary) -> tuple[list[ScheduledSeq], torch.Tensor]:
+        """Blocks `[start, end)` on the step's tokens (embedded here when `start == 0`)."""
+        if isinstance(step, StageBoundary):
+            if step.layer != self.start:
+                raise ValueError(f"runner of layers [{self.start}, {self.end}) got hidden states "
+                                 f"that end before layer {step.layer}")
+            out, hidden = step.step, step.hidden
+        elif self.start != 0:
+            raise ValueError(f"runner of layers [{self.start}, {self.end}) needs the previous "
+                             f"stage's hidden states, not token ids")
+        else:
+            out, hidden = step, None
+        self._copy_blocks(out)
+        seqs = batch_order(out.seqs)
+        input_ids, positions, meta = self._prepare(seqs)
+        if hidden is None:
+            hidden = self.model.embed(input_ids)
+        hidden = self.model.forward_layers(hidden, positions, meta, self.kv_caches, self.start, self.end)
+        return seqs, hidden
 
     def _copy_blocks(self, out: SchedulerOutput) -> None:
         if not out.copies:
@@ -98,9 +137,9 @@ class TorchModelRunner:
         prompt_rows: list[tuple[ScheduledSeq, int, int]] = []  # seq, first row, count
         offset = 0
         for seq in seqs:
-            request = seq.request
-            if request.params.prompt_logprobs is not None and seq.start_pos < request.num_prompt_tokens:
-                count = min(seq.num_tokens, request.num_prompt_tokens - 1 - seq.start_pos)
+            spec = seq.spec
+            if spec.params.prompt_logprobs is not None and seq.start_pos < seq.num_prompt_tokens:
+                count = min(seq.num_tokens, seq.num_prompt_tokens - 1 - seq.start_pos)
                 if count > 0:
                     prompt_rows.append((seq, len(rows), count))
                     rows.extend(range(offset, offset + count))
@@ -111,13 +150,13 @@ class TorchModelRunner:
         rows.extend(sample_rows)
         if not rows:
             return result
-        logits = self.model.compute_logits(hidden[torch.tensor(rows)])  # type: ignore[operator]
+        logits = self.model.head(hidden[torch.tensor(rows)])
         for seq, first, count in prompt_rows:
-            request = seq.request
-            nexts = request.token_ids[seq.start_pos + 1:seq.start_pos + 1 + count]
-            assert request.params.prompt_logprobs is not None
+            nexts = list(seq.prompt_token_ids[seq.start_pos + 1:seq.start_pos + 1 + count])
+            num_logprobs = seq.spec.params.prompt_logprobs
+            assert num_logprobs is not None
             result.prompt_logprobs[seq.request_id] = prompt_logprobs(
-                logits[first:first + count], nexts, request.params.prompt_logprobs)
+                logits[first:first + count], nexts, num_logprobs)
         if sample_seqs:
             sample_logits = logits[len(rows) - len(sample_seqs):]
             sampled = self.sampler(sample_logits, [self._row(s) for s in sample_seqs])
@@ -128,19 +167,14 @@ class TorchModelRunner:
         return result
 
     def _row(self, seq: ScheduledSeq) -> SamplingRow:
-        request = seq.request
-        params = request.params
+        """The sampler's row for a sequence; its generator is seeded once with the spec's seed."""
+        spec = seq.spec
         generator = None
-        if params.seed is not None:
+        if spec.seed is not None:
             generator = self.generators.get(seq.request_id)
             if generator is None:
-                seed = params.seed if request.sample_index == 0 else \
-                    hash((params.seed, request.sample_index)) & 0x7FFF_FFFF_FFFF_FFFF
-                generator = torch.Generator().manual_seed(seed)
+                generator = torch.Generator().manual_seed(spec.seed)
                 self.generators[seq.request_id] = generator
-        suppress: tuple[int, ...] = ()
-        if request.num_output_tokens < params.min_tokens:
-            suppress = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
-        return SamplingRow(params=params, prompt_token_ids=request.prompt_token_ids,
-                           output_token_ids=request.output_token_ids, generator=generator,
-                           suppress_token_ids=suppress)
+        return SamplingRow(params=spec.params, prompt_token_ids=seq.prompt_token_ids,
+                           output_token_ids=seq.output_token_ids, generator=generator,
+                           suppress_token_ids=spec.suppress_token_ids)

@@ -19,6 +19,7 @@ between two representable uniforms. Tensors are CPU tensors.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,9 @@ class SamplingRow:
     """What the sampler needs about one sequence that samples this step."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]
     """For the repetition penalty (applies to prompt + output, as in vLLM/HF)."""
-    output_token_ids: list[int]
+    output_token_ids: Sequence[int]
     """Generated so far (presence/frequency penalties apply to these only)."""
     generator: torch.Generator | None
     """Per-request generator when `params.seed` is set, else None (the sampler's default is used)."""

@@ -106,8 +106,9 @@ class Ledger:
         for part in out.outputs:
             tally.num_samples = max(tally.num_samples, part.index + 1)
             tally.generated += len(part.token_ids)
-        tally.computed_prompt = int(out.metrics.get("num_computed_prompt_tokens", tally.computed_prompt))
-        tally.computed = int(out.metrics.get("num_computed_tokens", tally.computed))
+        # Cumulative counts: the latest is the largest (an output without metrics keeps the tally).
+        tally.computed_prompt = max(tally.computed_prompt, out.metrics.num_computed_prompt_tokens)
+        tally.computed = max(tally.computed, out.metrics.num_computed_tokens)
 
     def usage(self) -> ComputeUsage:
         sums = {"policy": [0, 0, 0], "verifier": [0, 0, 0]}  # prompt, prefill, generated

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from mixserve.config import FieldError
 from mixserve.sampling_params import SamplingParams
 from mixserve.scaling.accounting import ComputeUsage
 
@@ -21,13 +22,13 @@ if TYPE_CHECKING:
     from mixserve.outputs import RequestOutput
 
 
-class ScalingError(ValueError):
-    """Bad strategy input; the message names the field and the value."""
+class ScalingError(FieldError):
+    """Bad strategy input; the message names the field and the value, `field` names the field."""
 
 
 def require(ok: bool, name: str, value: object, why: str) -> None:
     if not ok:
-        raise ScalingError(f"invalid {name}={value!r}: {why}")
+        raise ScalingError(f"invalid {name}={value!r}: {why}", field=name)
 
 
 @dataclass(frozen=True)

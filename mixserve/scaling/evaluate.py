@@ -45,15 +45,17 @@ class EvalConfig:
         get_task(self.task)
         for name in self.strategies:
             if name not in STRATEGIES:
-                raise ScalingError(f"invalid strategies={name!r}: known strategies are {', '.join(STRATEGIES)}")
+                raise ScalingError(f"invalid strategies={name!r}: known strategies are {', '.join(STRATEGIES)}",
+                                   field="strategies")
         for b in self.budgets:
             if not isinstance(b, int) or b < 1:
-                raise ScalingError(f"invalid budgets={b!r}: every budget must be an integer >= 1")
+                raise ScalingError(f"invalid budgets={b!r}: every budget must be an integer >= 1", field="budgets")
         if self.verifier != "auto" and self.verifier not in VERIFIERS:
-            raise ScalingError(f"invalid verifier={self.verifier!r}: auto or one of {', '.join(VERIFIERS)}")
+            raise ScalingError(f"invalid verifier={self.verifier!r}: auto or one of {', '.join(VERIFIERS)}",
+                               field="verifier")
         get_task(self.task).generate(1, self.seed, self.difficulty)  # validates difficulty
         if self.num_problems < 1:
-            raise ScalingError(f"invalid num_problems={self.num_problems!r}: must be >= 1")
+            raise ScalingError(f"invalid num_problems={self.num_problems!r}: must be >= 1", field="num_problems")
 
 
 def verifier_for(config: EvalConfig, strategy: str, task: Task, problem: Problem) -> str | None:
@@ -139,7 +141,7 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
         try:
             return tuple(int(x) for x in text.split(",") if x.strip())
         except ValueError:
-            raise ScalingError(f"invalid {name}={text!r}: expected comma-separated integers") from None
+            raise ScalingError(f"invalid {name}={text!r}: expected comma-separated integers", field=name) from None
 
     return EvalConfig(task=args.task, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
                       budgets=ints(args.budgets, "budgets"), num_problems=args.num_problems,

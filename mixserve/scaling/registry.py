@@ -66,13 +66,14 @@ def make_verifier(spec: VerifierSpec, *, tokenizer: Any = None, task: Task | Non
         return spec
     if spec not in VERIFIERS:
         raise ScalingError(f"invalid verifier={spec!r}: known verifiers are {', '.join(VERIFIERS)}, "
-                           f"or a Python function")
+                           f"or a Python function", field="verifier")
     if spec == "judge":
         if tokenizer is None:
-            raise ScalingError("invalid verifier='judge': it needs the model's tokenizer")
+            raise ScalingError("invalid verifier='judge': it needs the model's tokenizer", field="verifier")
         return JudgeVerifier.from_tokenizer(tokenizer)
     if task is None or problem is None:
-        raise ScalingError(f"invalid verifier={spec!r}: it needs a task problem (use 'judge' or a function)")
+        raise ScalingError(f"invalid verifier={spec!r}: it needs a task problem (use 'judge' or a function)",
+                           field="verifier")
     t, p = task, problem
 
     def outcome(text: str) -> float:
@@ -82,7 +83,7 @@ def make_verifier(spec: VerifierSpec, *, tokenizer: Any = None, task: Task | Non
         return FunctionVerifier(outcome, name="task")
     if t.process_score(p, "") is None:
         raise ScalingError(f"invalid verifier={spec!r}: task {t.name!r} has no exact process reward "
-                           f"(use 'task')")
+                           f"(use 'task')", field="verifier")
 
     def process(text: str) -> float:
         score = t.process_score(p, text)
@@ -99,16 +100,17 @@ def make_strategy(name: str, prompt_ids: Sequence[int], budget: int | None = Non
                   strategy_id: str | None = None) -> Strategy:
     """A ready-to-start strategy; raises ScalingError naming a bad field (name, budget, verifier)."""
     if name not in STRATEGIES:
-        raise ScalingError(f"invalid strategy={name!r}: known strategies are {', '.join(STRATEGIES)}")
+        raise ScalingError(f"invalid strategy={name!r}: known strategies are {', '.join(STRATEGIES)}", field="strategy")
     config = config or ScaleConfig()
     if budget is not None or params is not None:
         config = replace(config, budget=config.budget if budget is None else budget,
                          params=params or config.params)
     v = make_verifier(verifier, tokenizer=tokenizer)
     if name in NEEDS_VERIFIER and v is None:
-        raise ScalingError(f"invalid verifier=None: strategy {name!r} needs one ({', '.join(VERIFIERS)})")
+        raise ScalingError(f"invalid verifier=None: strategy {name!r} needs one ({', '.join(VERIFIERS)})",
+                           field="verifier")
     if not prompt_ids:
-        raise ScalingError("invalid prompt: it is empty")
+        raise ScalingError("invalid prompt: it is empty", field="prompt")
     tracker = Tracker(strategy_id or new_strategy_id(), list(prompt_ids), extract or extract_answer, v, cost)
     return _build(name, tracker, config)
 

@@ -84,18 +84,18 @@ class SyntheticRunner:
             self.num_computed += seq.num_tokens
             if not seq.sample:
                 continue
-            rid, request = seq.request_id, seq.request
+            rid, params = seq.request_id, seq.spec.params
             queue = self.queues.get(rid)
             if not queue:
-                context = self.tokenizer.decode(request.token_ids)
-                rng = random.Random(derive_seed(request.params.seed or 0, f"{rid}:{len(request.token_ids)}"))
+                context = self.tokenizer.decode(list(seq.context))
+                rng = random.Random(derive_seed(params.seed or 0, f"{rid}:{len(seq.context)}"))
                 chunk = self.policy.chunk(context, rng)
                 queue = deque(self.tokenizer.encode(chunk.text) if chunk else [EOS])
                 self.queues[rid] = queue
                 self.logprob[rid] = chunk.logprob if chunk else -0.01
             token = queue.popleft()
             result.sampled[rid] = token
-            if request.params.logprobs is not None:
+            if params.logprobs is not None:
                 lp = self.logprob[rid]
                 rest = math.log(max(1 - math.exp(lp), 1e-9))
                 result.logprobs[rid] = {token: Logprob(lp, 1), (token + 1) % VOCAB: Logprob(rest, 2)}

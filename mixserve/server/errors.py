@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,9 +48,6 @@ def error_frame(err: ApiError) -> str:
     return f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
 
 
-_PARAM = re.compile(r"(?:parameter|config) (\w+)=")
-
-
 def as_api_error(exc: BaseException) -> ApiError:
     """Map engine/sampling exceptions to an ApiError; anything unexpected is a 500 naming its type."""
     if isinstance(exc, ApiError):
@@ -59,8 +55,8 @@ def as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ClientDisconnect):
         return ApiError(499, "client disconnected", code="client_disconnected")
     if isinstance(exc, SamplingError | ConfigError):
-        match = _PARAM.search(str(exc))
-        return ApiError(400, str(exc), param=match.group(1) if match else None)
+        # A nested config field (experts.policy) is no request parameter.
+        return ApiError(400, str(exc), param=exc.field if exc.field and exc.field.isidentifier() else None)
     if isinstance(exc, RequestError):
         param = "prompt" if "prompt" in str(exc) else None
         return ApiError(400, str(exc), param=param)

@@ -23,7 +23,7 @@ def make_scaling_hook(cost: ModelCost | None) -> Any:
             strategy = make_strategy(body.strategy, prompt.token_ids, body.budget, params, body.verifier,
                                      state.tokenizer, cost=cost)
         except ScalingError as exc:
-            field = next((f for f in ("strategy", "budget", "verifier") if f"{f}=" in str(exc)), "strategy")
+            field = exc.field if exc.field in ("strategy", "budget", "verifier") else "strategy"
             raise ApiError(400, str(exc), param=field) from exc
         result = await engine.run_controller(strategy)
         finish = result.candidates[result.selected[0]].finish_reason if result.selected else "stop"

@@ -50,15 +50,15 @@ class FakeRunner:
             context = []
             for p in range(end):
                 token, pos = self.cache[seq.block_ids[p // bs] * bs + p % bs]
-                assert pos == p and token == seq.request.token_ids[p], \
+                assert pos == p and token == seq.context[p], \
                     f"{seq.request_id}: slot for position {p} holds {(token, pos)}"
                 context.append(token)
             if seq.sample:
-                params = seq.request.params
+                params = seq.spec.params
                 if params.temperature == 0:
                     result.sampled[seq.request_id] = next_token(context)
                 else:
-                    rng = random.Random(hash((tuple(context), params.seed, seq.request.sample_index)))
+                    rng = random.Random(hash((tuple(context), seq.spec.seed)))
                     result.sampled[seq.request_id] = rng.randrange(1, VOCAB)
         return result
 

@@ -65,7 +65,7 @@ def test_fork_reports_reused_tokens_and_appended_tokens_are_computed() -> None:
     assert final.outputs[0].token_ids == expected(context + [7, 8, 9], 1)
     assert final.num_cached_tokens == len(context) - 1
     assert final.prompt_token_ids == context + [7, 8, 9]
-    assert final.metrics["num_computed_prompt_tokens"] == 4  # last sampled token + 3 appended
+    assert final.metrics.num_computed_prompt_tokens == 4  # last sampled token + 3 appended
     assert_pool_full(engine)
 
 

@@ -37,7 +37,7 @@ def test_forked_continuation_equals_recomputed_continuation(llm: LLM) -> None:
     recomputed = llm.generate(prompt + first, GREEDY)[0].outputs[0].token_ids
     assert tokens == recomputed
     assert forked.num_cached_tokens == len(prompt) + len(first) - 1
-    assert forked.metrics["num_computed_prompt_tokens"] == 1
+    assert forked.metrics.num_computed_prompt_tokens == 1
     pool = engine.scheduler.kv.pool
     assert pool.num_free_blocks == pool.num_blocks
 

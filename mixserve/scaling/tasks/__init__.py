@@ -13,7 +13,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (Arithmetic(), ChainSum(), Countdow
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ScalingError(f"invalid task={name!r}: known tasks are {', '.join(TASKS)}")
+        raise ScalingError(f"invalid task={name!r}: known tasks are {', '.join(TASKS)}", field="task")
     return TASKS[name]
 
 

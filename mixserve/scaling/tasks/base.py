@@ -46,12 +46,12 @@ class Task(Protocol):
 def check_difficulty(difficulty: int) -> None:
     if not isinstance(difficulty, int) or not MIN_DIFFICULTY <= difficulty <= MAX_DIFFICULTY:
         raise ScalingError(f"invalid difficulty={difficulty!r}: must be an integer in "
-                           f"[{MIN_DIFFICULTY}, {MAX_DIFFICULTY}]")
+                           f"[{MIN_DIFFICULTY}, {MAX_DIFFICULTY}]", field="difficulty")
 
 
 def check_count(num_problems: int) -> None:
     if not isinstance(num_problems, int) or num_problems < 1:
-        raise ScalingError(f"invalid num_problems={num_problems!r}: must be an integer >= 1")
+        raise ScalingError(f"invalid num_problems={num_problems!r}: must be an integer >= 1", field="num_problems")
 
 
 def marked_answer(text: str) -> str | None:
