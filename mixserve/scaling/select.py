@@ -2,6 +2,17 @@
 
 Each returns candidate indices, best first. Candidates without an answer never win a vote; when no
 candidate has an answer, the first candidate is returned so that a result always exists.
+
+Partial credit (a verifier score strictly between 0 and 1) means, per rule:
+- `best_of_n`: a rank only; the highest score wins, so 0.6 beats 0.5 however many samples agree.
+- `weighted_majority`: a vote weight; an answer's total is the sum of its samples' scores, so two
+  samples at 0.5 tie one at 1.0.
+- `best_of_majority`: a reward inside the frequency gate; an answer's reward is its best sample's
+  score, and only gated answers can be selected (frequency decides *which* answers compete, the score
+  decides *among* them).
+- `majority`, `most_confident`, `first_sample`: scores are ignored.
+Step-level search (beam, particle filtering) reads scores of partial paths as process rewards: the
+estimated chance that the path can still end in a correct answer.
 """
 
 from __future__ import annotations
@@ -19,9 +30,13 @@ def _first_by_answer(cands: list[Candidate]) -> dict[str, Candidate]:
     return first
 
 
-def _ranked_answers(totals: dict[str, float], cands: list[Candidate]) -> tuple[int, ...]:
-    """Representative candidates of answers by total, ties to the answer seen first."""
+def _ranked_answers(totals: dict[str, float], cands: list[Candidate],
+                    allowed: set[str] | None = None) -> tuple[int, ...]:
+    """Representative candidates of answers by total, ties to the answer seen first; only answers in
+    `allowed` are ranked when it is given."""
     first = _first_by_answer(cands)
+    if allowed is not None:
+        first = {a: c for a, c in first.items() if a in allowed}
     if not first:
         return (cands[0].index,) if cands else ()
     order = sorted(first, key=lambda a: (-totals.get(a, 0.0), first[a].index))
@@ -64,7 +79,7 @@ def best_of_majority(cands: list[Candidate], k: int = 1, alpha: float = 0.1) -> 
         if c.answer in gated:
             assert c.answer is not None
             reward[c.answer] = max(reward.get(c.answer, float("-inf")), c.score or 0.0)
-    return _ranked_answers(reward, cands)[:k]
+    return _ranked_answers(reward, cands, gated)[:k]
 
 
 def most_confident(cands: list[Candidate]) -> tuple[int, ...]:
