@@ -155,9 +155,23 @@ def test_stream_validation_happens_before_the_stream(server: Server) -> None:
 def test_slow_headers_are_cut_off(smollm2_path: str, tmp_path) -> None:  # noqa: ANN001
     from tests.server.conftest import start_server
 
-    srv = start_server(smollm2_path, tmp_path, "--header-timeout", "2", "--keep-alive-timeout", "1")
+    srv = start_server(smollm2_path, tmp_path, "--header-timeout", "2", "--keep-alive-timeout", "1",
+                       "--body-timeout", "2")
     try:
         port = int(srv.url.rsplit(":", 1)[1])
+        # A body that stops arriving after the headers is a 408 in the error shape, not a hang.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 100\r\n\r\n{\"prompt\": ")
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        head, _, payload = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), reply[:300]
+        assert set(json.loads(payload)["error"]) == {"message", "type", "param", "code"}
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\n")
             start = time.monotonic()
