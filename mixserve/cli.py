@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     add_eval_args(ev)
     ev.set_defaults(func=cmd_eval)
+    from mixserve.mixture.cli import add_parser as add_mixture_parser
+
+    add_mixture_parser(sub)
     return parser
 
 

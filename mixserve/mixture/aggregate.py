@@ -32,16 +32,17 @@ def aggregate_request(question: Question, candidates: Sequence[str], seed: int =
 def aggregation_benchmark(questions: Sequence[Question], answers: dict[str, dict[str, list[str]]],
                           is_right: Callable[[Question, str], bool], rng: random.Random,
                           num_wrong: int = 2) -> list[ExpertRequest]:
-    """For each question with at least one right and `num_wrong` wrong answers in the pool's outputs
-    (`answers[qid][model] = [texts]`): one right + `num_wrong` wrong, shuffled, as an aggregate request."""
+    """For each question with a right and a wrong answer in the pool's outputs (`answers[qid][model] =
+    [texts]`): one right + up to `num_wrong` wrong (the paper's 2; fewer only when a small pool has no
+    more), shuffled, as an aggregate request."""
     requests = []
     for q in questions:
         texts = [t for per_model in answers.get(q.qid, {}).values() for t in per_model]
         right = [t for t in texts if is_right(q, t)]
         wrong = [t for t in texts if not is_right(q, t)]
-        if not right or len(wrong) < num_wrong:
+        if not right or not wrong:
             continue
-        picked = [rng.choice(right), *rng.sample(wrong, num_wrong)]
+        picked = [rng.choice(right), *rng.sample(wrong, min(num_wrong, len(wrong)))]
         rng.shuffle(picked)
         requests.append(aggregate_request(q, picked))
     return requests

@@ -30,7 +30,7 @@ class ModelSpec:
     """What clients send as `model` and what profiles are keyed by."""
     model: str
     """Known model name (`mixserve models`) or a path to an HF folder or a .gguf file."""
-    max_model_len: int = 2048
+    max_model_len: int = 1024
     """Context cap of this model's engine (keeps its KV cache small)."""
     kv_cache_mib: int = 64
     """KV cache of this model's engine (MiB); counted in the pool's resident bytes."""

@@ -21,7 +21,7 @@ from mixserve.mixture.pool import ModelPool
 from mixserve.mixture.profiles import Profiles
 from mixserve.mixture.recruit import RecruitConfig, recruit
 from mixserve.mixture.schedule import BatchReport, ExpertOf, Job, run_grouped, run_per_question
-from mixserve.mixture.skills import KeywordExtractor, KeywordMapper
+from mixserve.mixture.skills import KeywordExtractor, KeywordMapper, SkillConfig
 
 Method = Literal["symbolic", "single", "random", "majority", "moa"]
 METHODS: tuple[str, ...] = ("symbolic", "single", "random", "majority", "moa")
@@ -80,14 +80,14 @@ class MixtureRun:
 
 class Mixture:
     def __init__(self, pool: ModelPool[Any], expert_of: ExpertOf, profiles: Profiles, grader: Grader,
-                 config: MixtureConfig = MixtureConfig(), extractor: KeywordExtractor | None = None,
+                 config: MixtureConfig = MixtureConfig(), skills: SkillConfig | None = None,
                  mapper: KeywordMapper | None = None, annotator: str | None = None) -> None:
         unknown = [m for m in profiles.models if m not in pool.names]
         if unknown:
             raise ConfigError(f"profiles name models the pool does not have: {unknown} (pool: {pool.names})",
                               field="profiles")
         self.pool, self.expert_of, self.profiles, self.grader = pool, expert_of, profiles, grader
-        self.config, self.extractor, self.mapper = config, extractor, mapper
+        self.config, self.skills, self.mapper = config, skills or SkillConfig(), mapper
         self.annotator = annotator or profiles.models[0]
 
     # -- choices ------------------------------------------------------------------------------
@@ -104,14 +104,12 @@ class Mixture:
         return run(jobs, self.pool, self.expert_of)
 
     def keywords(self, questions: list[Question]) -> tuple[list[list[str]], BatchReport]:
-        """Extracted (self-consistent) keywords mapped onto the profiles' vocabulary."""
-        if self.extractor is None:
-            raise ConfigError("recruitment needs a keyword extractor", field="extractor")
+        """Extracted (self-consistent) keywords mapped onto the profiles' vocabulary (the annotator model
+        loads once for all questions)."""
         start = time.perf_counter()
         report = BatchReport()
         with self.pool.use(self.annotator) as handle:
-            extractor = KeywordExtractor(self.expert_of(self.annotator, handle), self.extractor.config)
-            raw = extractor.extract(questions)
+            raw = KeywordExtractor(self.expert_of(self.annotator, handle), self.skills).extract(questions)
         mapped = [self.mapper.map(kws) if self.mapper is not None else kws for kws in raw]
         report.wall_seconds = time.perf_counter() - start
         return mapped, report

@@ -2,7 +2,8 @@
 validation vocabulary by sentence embeddings (all-MiniLM-L6-v2, as in Symbolic-MoE).
 
 Self-consistency (as in the released code): k samples are pooled; a keyword is kept when it is at most
-`max_keyword_chars` long and occurs more than once across the pooled samples.
+`max_keyword_chars` long and occurs more than once across the pooled samples. We also drop keywords with
+no letter (small models copy the question's numbers).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def consistent_keywords(samples: Sequence[Sequence[str]], config: SkillConfig = 
     """The self-consistency filter over pooled samples; order of first appearance."""
     pooled = [kw for sample in samples for kw in sample]
     counts = Counter(pooled)
+    # keywords without a letter are numbers copied from the question, not skills
     kept = dict.fromkeys(kw for kw in pooled if counts[kw] >= config.min_count
-                         and len(kw) <= config.max_keyword_chars)
+                         and len(kw) <= config.max_keyword_chars and any(c.isalpha() for c in kw))
     return list(kept)
 
 

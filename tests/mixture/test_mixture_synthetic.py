@@ -13,7 +13,7 @@ from mixserve.mixture.grading import TaskGrader, mixed_problems, questions_from
 from mixserve.mixture.pipeline import Mixture, MixtureConfig
 from mixserve.mixture.profile import profile_models
 from mixserve.mixture.recruit import RecruitConfig, recruit_probabilities
-from mixserve.mixture.skills import KeywordExtractor, SkillConfig
+from mixserve.mixture.skills import SkillConfig
 from tests.mixture.conftest import expert_of, synthetic_pool
 
 ACC = {"mathy": {"arithmetic": 0.9, "sorting": 0.2, "gcd": 0.5},
@@ -32,7 +32,7 @@ def _mixture(n_val: int = 60, **config: object) -> tuple[Mixture, TaskGrader]:
     grader = TaskGrader()
     profiles, _, _ = profile_models(pool, expert_of, questions_from(problems), grader, SkillConfig(), "meh")
     mixture = Mixture(pool, expert_of, profiles, grader, MixtureConfig(**config),  # type: ignore[arg-type]
-                      extractor=KeywordExtractor(expert_of("meh", None), SkillConfig()), annotator="meh")
+                      annotator="meh")
     return mixture, grader
 
 
@@ -86,7 +86,7 @@ def test_grouped_batch_loads_each_model_once() -> None:
     assert experts.loads <= len(used) and experts.switches == len(used)
     assert sum(c.requests for c in experts.compute.values()) == 3 * len(questions)
     per_q = Mixture(mixture.pool, mixture.expert_of, mixture.profiles, mixture.grader,
-                    MixtureConfig(scheduling="per-question"), mixture.extractor, annotator="meh")
+                    MixtureConfig(scheduling="per-question"), annotator="meh")
     slow = per_q.run(questions, "symbolic")
     assert slow.stages["experts"].loads > 3 * experts.loads
     assert mixture.pool.peak_bytes <= mixture.pool.budget_bytes
