@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from mixserve.config import CacheConfig, EngineConfig, ExpertConfig, ModelConfig, SchedulerConfig
+from mixserve.mixture.cli import RepeatableModel, add_serve_args, serve_models
 from mixserve.sampling_params import SamplingParams
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -15,7 +16,8 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default=DEFAULT_MODEL, help="known model name or path (default: %(default)s)")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL, action=RepeatableModel,
+                   help="known model name or path (default: %(default)s); serve: repeat for several (NAME=PATH)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--weight-format", choices=["auto", "dense", "int8"], default="auto")
     g.add_argument("--max-model-len", type=int, default=None)
@@ -162,7 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(host=args.host, port=args.port, served_model_name=args.served_model_name,
                            shutdown_timeout_s=args.shutdown_timeout, reject_unknown_fields=args.reject_unknown_fields,
                            cache_dir=args.cache_dir, log_level=args.log_level, limits=limits)
-    return serve(config, options)
+    pooled = serve_models(args, options)
+    return serve(config, options) if pooled is None else pooled
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -234,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_limit_args(srv)
     _add_model_args(srv)
+    add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
     models = sub.add_parser("models", help="list known models")
     models.add_argument("--cache-dir", default=None)

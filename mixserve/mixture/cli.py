@@ -41,6 +41,39 @@ def add_parser(subparsers: Any) -> None:
     run.set_defaults(func=cmd_run)
 
 
+class RepeatableModel(argparse.Action):
+    """`--model A --model B`: `model` keeps the last (single-model commands), `all_models` gets every one."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        seen = list(getattr(namespace, "all_models", None) or [])
+        namespace.all_models = [*seen, values]
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Multi-model flags of `mixserve serve` (several --model, or --models-file)."""
+    g = p.add_argument_group("multi-model (a pool of models, routed by the request's model field)")
+    g.add_argument("--models-file", default=None, help='JSON {"models": [{"name", "model", ...}]}')
+    g.add_argument("--pool-memory-budget", default="4GiB", help="resident bytes of all loaded models")
+    g.add_argument("--preload", action="append", default=[], help="load this model at start (repeatable)")
+
+
+def serve_models(args: argparse.Namespace, options: Any) -> int | None:
+    """Serve a pool when several models (or a models file) are given; None: the single-model server."""
+    models = getattr(args, "all_models", None) or []
+    if not args.models_file and len(models) < 2:
+        return None
+    from mixserve.mixture.build import model_specs, parse_budget
+    from mixserve.mixture.server import serve_pool
+
+    specs = model_specs(models, args.models_file)
+    unknown = [m for m in args.preload if m not in {s.name for s in specs}]
+    if unknown:
+        raise ConfigError(f"invalid --preload {unknown[0]!r}: not one of {[s.name for s in specs]}", field="preload")
+    return serve_pool(specs, parse_budget(args.pool_memory_budget), options, args.preload)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", action="append", default=None, metavar="NAME[=PATH]",
                    help="a pool model: known name, path, or name=path (repeatable)")
