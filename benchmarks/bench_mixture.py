@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--keyword-samples", type=int, default=3)
     ap.add_argument("--pool-memory-budget", default="4GiB")
-    ap.add_argument("--switch-budget", default="1800MB", help="budget of the scheduling comparison (one model at a time)")
+    ap.add_argument("--switch-budget", default="1800MB", help="scheduling comparison budget (one model at a time)")
     ap.add_argument("--switch-max-tokens", type=int, default=4)
     ap.add_argument("--methods", default="single,random,majority,symbolic,moa")
     args = ap.parse_args()

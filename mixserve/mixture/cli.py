@@ -57,12 +57,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--models-file", default=None, help='JSON {"models": [{"name", "model", ...}]}')
     g.add_argument("--pool-memory-budget", default="4GiB", help="resident bytes of all loaded models")
     g.add_argument("--preload", action="append", default=[], help="load this model at start (repeatable)")
+    g.add_argument("--mixture", action="append", default=[], metavar="NAME=PROFILES",
+                   help="serve a mixture of the pool's models as model mixture/NAME (profiles JSON from "
+                        "`mixserve mixture profile`; repeatable)")
 
 
 def serve_models(args: argparse.Namespace, options: Any) -> int | None:
     """Serve a pool when several models (or a models file) are given; None: the single-model server."""
     models = getattr(args, "all_models", None) or []
-    if not args.models_file and len(models) < 2:
+    if not args.models_file and len(models) < 2 and not args.mixture:
         return None
     from mixserve.mixture.build import model_specs, parse_budget
     from mixserve.mixture.server import serve_pool
@@ -71,7 +74,13 @@ def serve_models(args: argparse.Namespace, options: Any) -> int | None:
     unknown = [m for m in args.preload if m not in {s.name for s in specs}]
     if unknown:
         raise ConfigError(f"invalid --preload {unknown[0]!r}: not one of {[s.name for s in specs]}", field="preload")
-    return serve_pool(specs, parse_budget(args.pool_memory_budget), options, args.preload)
+    mixtures = {}
+    for item in args.mixture:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"invalid --mixture {item!r}: expected NAME=PROFILES.json", field="mixture")
+        mixtures[name] = path
+    return serve_pool(specs, parse_budget(args.pool_memory_budget), options, args.preload, mixtures)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -90,14 +90,21 @@ class ServerModelLoader:
 class PoolRouter:
     """Request `model` -> a pinned per-model ServerState, and the model-management routes' logic."""
 
-    def __init__(self, pool: ModelPool[ServerState], default: str) -> None:
+    def __init__(self, pool: ModelPool[ServerState], default: str, mixtures: dict[str, Any] | None = None) -> None:
         self.pool = pool
         self.default = default
+        self.mixtures: dict[str, Any] = mixtures or {}
+        """`mixture/<name>` -> ServedMixture."""
+
+    def mixture(self, name: str | None) -> Any:
+        """The ServedMixture a request names, or None for a plain model."""
+        return self.mixtures.get(name) if name else None
 
     def _check(self, name: str | None) -> str:
         name = name or self.default
         if name not in self.pool.names:
-            raise ApiError(404, f"the model {name!r} does not exist; known models: {', '.join(self.pool.names)}",
+            known = ", ".join([*self.pool.names, *self.mixtures])
+            raise ApiError(404, f"the model {name!r} does not exist; known models: {known}",
                            param="model", code="model_not_found")
         return name
 
@@ -138,6 +145,9 @@ class PoolRouter:
             out.append({"id": name, "object": "model", "created": created, "owned_by": "mixserve",
                         "root": self.pool.loader.specs[name].model, "parent": None,  # type: ignore[attr-defined]
                         "status": self.pool.state(name), "loads": stats.loads, "last_error": stats.last_error})
+        for name, served in self.mixtures.items():
+            out.append({"id": name, "object": "model", "created": created, "owned_by": "mixserve", "root": name,
+                        "parent": None, "status": "ready", "experts": served.profiles.models})
         return out
 
 
@@ -174,13 +184,29 @@ class PoolCollector(Collector):
 
 
 def make_pool_app(specs: list[ModelSpec], budget_bytes: int, front: ServerState, cache_dir: str | None,
-                  preload: list[str]) -> tuple[FastAPI, ServerState, PoolRouter]:
+                  preload: list[str], mixtures: dict[str, str] | None = None,
+                  mixture_max_tokens: int = 128) -> tuple[FastAPI, ServerState, PoolRouter]:
+    """The app of a pool server; `mixtures` maps a mixture name to its profiles JSON (served as
+    `mixture/<name>`)."""
+    from mixserve.config import ConfigError
+    from mixserve.mixture.profiles import Profiles
+    from mixserve.mixture.served import ServedMixture
+    from mixserve.sampling_params import SamplingParams
     from mixserve.server.app import build_app
 
     registry = CollectorRegistry()
     loader = ServerModelLoader(specs, front, cache_dir, registry)
     pool: ModelPool[ServerState] = ModelPool([s.name for s in specs], loader, budget_bytes)
-    router = PoolRouter(pool, specs[0].name)
+    served = {}
+    for name, path in (mixtures or {}).items():
+        profiles = Profiles.load(path)
+        missing = [m for m in profiles.models if m not in pool.names]
+        if missing:
+            raise ConfigError(f"invalid --mixture {name}={path}: its profiles name models this server does not "
+                              f"have: {missing} (served: {pool.names})", field="mixture")
+        mixture = ServedMixture(name, profiles, pool, SamplingParams(max_tokens=mixture_max_tokens, temperature=0.7))
+        served[mixture.name] = mixture
+    router = PoolRouter(pool, specs[0].name, served)
     registry.register(PoolCollector(pool))
     front.router = router
     front.render_metrics = lambda: generate_latest(registry)
@@ -205,13 +231,14 @@ def make_pool_app(specs: list[ModelSpec], budget_bytes: int, front: ServerState,
     return build_app(front, lifespan=lifespan), front, router
 
 
-def serve_pool(specs: list[ModelSpec], budget_bytes: int, options: Any, preload: list[str]) -> int:
+def serve_pool(specs: list[ModelSpec], budget_bytes: int, options: Any, preload: list[str],
+               mixtures: dict[str, str] | None = None) -> int:
     from mixserve.server.http import uvicorn_config
 
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     front = ServerState(model_name=specs[0].name, reject_unknown_fields=options.reject_unknown_fields,
                         request_limits=options.limits)
-    app, _, _ = make_pool_app(specs, budget_bytes, front, options.cache_dir, preload)
+    app, _, _ = make_pool_app(specs, budget_bytes, front, options.cache_dir, preload, mixtures)
     server = uvicorn.Server(uvicorn_config(app, options.limits, host=options.host, port=options.port,
                                            log_level=options.log_level, access_log=False,
                                            timeout_graceful_shutdown=int(options.shutdown_timeout_s)))

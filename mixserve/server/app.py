@@ -110,6 +110,9 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
                            handler: Callable[[ServerState, B, Request], Awaitable[Any]]) -> Any:
         async def run() -> Any:
             body = await parse_body(request, model, state)
+            served = state.router.mixture(getattr(body, "model", None)) if state.router is not None else None
+            if served is not None:  # `mixture/<name>`: recruitment + aggregation over the pool
+                return await served.respond(body)
             target, release = await _route(state, body)
             try:
                 response = await handler(target, body, request)

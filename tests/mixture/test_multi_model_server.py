@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -34,14 +35,18 @@ def pool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     broken = root / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    models = [{"name": "a", "model": str(a), "kv_cache_mib": 8, "max_model_len": 256},
-              {"name": "b", "model": str(b), "kv_cache_mib": 8, "max_model_len": 256},
+    models = [{"name": "a", "model": str(a), "kv_cache_mib": 8, "max_model_len": 2048},
+              {"name": "b", "model": str(b), "kv_cache_mib": 8, "max_model_len": 2048},
               {"name": "broken", "model": str(broken), "kv_cache_mib": 8}]
     (root / "models.json").write_text(json.dumps({"models": models}))
+    (root / "profiles.json").write_text(json.dumps({"scores": {"a": {"arithmetic": 2}, "b": {"arithmetic": -1}},
+                                                    "aggregator": "b"}))
     port = free_port()
     log = root / "server.log"
     cmd = [sys.executable, "-m", "mixserve", "serve", "--models-file", str(root / "models.json"),
-           "--pool-memory-budget", "12MiB", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+           "--pool-memory-budget", "12MiB",
+           "--mixture", f"tiny={root / 'profiles.json'}", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = Server(proc, f"http://127.0.0.1:{port}", log)
@@ -63,13 +68,16 @@ def pool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _states(server: Server) -> dict[str, str]:
-    return {m["id"]: m["status"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]}
+    """Pool models' states (the mixture model is always "ready")."""
+    data = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+    assert {"id": "mixture/tiny", "status": "ready"}.items() <= data[-1].items()
+    return {m["id"]: m["status"] for m in data[:-1]}
 
 
 def test_routing_states_load_unload_and_errors(pool_server: Server) -> None:
     client = openai.OpenAI(base_url=f"{pool_server.url}/v1", api_key="x", timeout=120, max_retries=0)
     assert _states(pool_server) == {"a": "unloaded", "b": "unloaded", "broken": "unloaded"}
-    assert [m.id for m in client.models.list()] == ["a", "b", "broken"]
+    assert [m.id for m in client.models.list()] == ["a", "b", "broken", "mixture/tiny"]
 
     chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                           temperature=0)
@@ -87,7 +95,7 @@ def test_routing_states_load_unload_and_errors(pool_server: Server) -> None:
 
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="zzz", prompt="x", max_tokens=1)
-    assert "known models: a, b, broken" in str(missing.value) and missing.value.code == "model_not_found"
+    assert "known models: a, b, broken, mixture/tiny" in str(missing.value) and missing.value.code == "model_not_found"
 
     with pytest.raises(openai.APIStatusError) as broken:
         client.completions.create(model="broken", prompt="x", max_tokens=1)
@@ -110,3 +118,26 @@ def test_routing_states_load_unload_and_errors(pool_server: Server) -> None:
     assert 'model_name="b"' in text and "mixserve:pool_resident_bytes" in text
     assert "mixserve:pool_loads_total" in text and "mixserve:pool_evictions_total" in text
     assert 'mixserve:model_loaded{model_name="a"} 1.0' in text
+
+
+def test_mixture_model_recruits_aggregates_and_batches(pool_server: Server) -> None:
+    client = openai.OpenAI(base_url=f"{pool_server.url}/v1", api_key="x", timeout=300, max_retries=0)
+
+    def ask(text: str) -> dict:
+        r = httpx.post(f"{pool_server.url}/v1/chat/completions", timeout=300, json={
+            "model": "mixture/tiny", "messages": [{"role": "user", "content": text}]})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(2) as ex:  # concurrent questions run as one batch, grouped by model
+        first, second = ex.map(ask, ["What is 2 + 3?", "What is 4 + 4?"])
+    for out in (first, second):
+        mix = out["usage"]["mixture"]
+        assert out["model"] == "mixture/tiny" and len(mix["recruited"]) == 3 == len(mix["answers"])
+        assert set(mix["recruited"]) <= {"a", "b"} and mix["aggregator"] == "b"
+        assert set(mix["batch_compute"]) <= {"a", "b"} and isinstance(out["choices"][0]["message"]["content"], str)
+    assert first["usage"]["mixture"]["batch_questions"] == 2  # both in one batch
+    chunks = list(client.chat.completions.create(model="mixture/tiny", stream=True,
+                                                 messages=[{"role": "user", "content": "What is 1 + 1?"}]))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) is not None
