@@ -87,10 +87,10 @@ class LLMExpert:
         return outs
 
 
-def _drain(llm: LLM, ids: list[str]) -> dict:
+def _drain(llm: LLM, ids: list[str]) -> dict[str, Any]:
     from mixserve.llm import _accumulator, _merge
 
-    pending, finals = set(ids), {}
+    pending, finals = set(ids), {}  # type: set[str], dict[str, Any]
     while pending:
         for delta in llm.engine.step():
             if delta.request_id not in pending:

@@ -157,8 +157,8 @@ class LLMLoader:
         from mixserve.llm import LLM
 
         llm = LLM(config=self.specs[name].engine_config(), cache_dir=self.cache_dir)
-        runner = llm.engine.runner  # type: ignore[attr-defined]
-        nbytes = tensor_bytes(llm.model, [runner.kv_caches])
+        kv_caches = getattr(llm.engine.runner, "kv_caches", [])  # the torch runner's KV tensors
+        nbytes = tensor_bytes(llm.model, [kv_caches])
         self.measured[name] = nbytes
         return LoadResult(llm, nbytes)
 

@@ -163,8 +163,8 @@ class PoolCollector(Collector):
             state = self.pool._entries[name].handle
             if state is None or state.engine is None:
                 continue
-            engine = state.engine
-            for fam in _EngineCollector(name, lambda e=engine: e.stats, dict).collect():
+            stats: Callable[[], dict[str, float]] = lambda e=state.engine: e.stats  # type: ignore[misc]
+            for fam in _EngineCollector(name, stats, dict).collect():
                 if fam.name in families:
                     families[fam.name].samples.extend(fam.samples)
                 else:
