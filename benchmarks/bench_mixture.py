@@ -22,6 +22,7 @@ from mixserve.mixture.grading import TaskGrader, mixed_problems, questions_from
 from mixserve.mixture.models import ModelSpec
 from mixserve.mixture.pipeline import Mixture, MixtureConfig
 from mixserve.mixture.profile import profile_models
+from mixserve.mixture.profiles import Profiles
 from mixserve.mixture.recruit import RecruitConfig
 from mixserve.mixture.schedule import Job, run_grouped, run_per_question
 from mixserve.mixture.skills import KeywordMapper, MiniLMEmbedder, SkillConfig
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--switch-budget", default="1800MB", help="scheduling comparison budget (one model at a time)")
     ap.add_argument("--switch-max-tokens", type=int, default=4)
     ap.add_argument("--methods", default="single,random,majority,symbolic,moa")
+    ap.add_argument("--reuse-profile", default=None, help="a previous results JSON: reuse its profile stage")
     args = ap.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: dict[str, Any] = {"args": vars(args), "note": "measured while other work shared the machine"}
@@ -60,9 +62,16 @@ def main() -> None:
     val = questions_from(mixed_problems(tasks, args.per_task, seed=1000, difficulty=1))
     test = questions_from(mixed_problems(tasks, args.per_task, seed=0, difficulty=1))
     t0 = time.perf_counter()
-    profiles, keywords, prof_report = profile_models(pool, expert_of, val, grader, skills, specs[0].name)
-    out["profile"] = {"seconds": time.perf_counter() - t0, "profiles": profiles.to_json(),
-                      "keywords": keywords, "report": prof_report.as_dict()}
+    if args.reuse_profile:
+        out["profile"] = json.loads(Path(args.reuse_profile).read_text())["profile"]
+        tmp = path.with_suffix(".profiles.json")
+        tmp.write_text(json.dumps(out["profile"]["profiles"]))
+        profiles = Profiles.load(tmp)
+        tmp.unlink()
+    else:
+        profiles, keywords, prof_report = profile_models(pool, expert_of, val, grader, skills, specs[0].name)
+        out["profile"] = {"seconds": time.perf_counter() - t0, "profiles": profiles.to_json(),
+                          "keywords": keywords, "report": prof_report.as_dict()}
     save()
     mapper = KeywordMapper(profiles.vocabulary(), MiniLMEmbedder()) if profiles.vocabulary() else None
     mixture = Mixture(pool, expert_of, profiles, grader, MixtureConfig(recruit=RecruitConfig(k=3)), skills,
