@@ -110,6 +110,11 @@ class ModelPool(Generic[T]):
     def state(self, name: str) -> ModelState:
         return self._entry(name).state
 
+    def peek(self, name: str) -> T | None:
+        """The handle of a loaded model without pinning it (for metrics and shutdown), else None."""
+        entry = self._entry(name)
+        return entry.handle if entry.state == "loaded" else None  # type: ignore[no-any-return]
+
     def resident_bytes(self) -> int:
         with self._cond:
             return self._resident()

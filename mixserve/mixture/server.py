@@ -160,7 +160,7 @@ class PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         for name in self.pool.names:
-            state = self.pool._entries[name].handle
+            state = self.pool.peek(name)
             if state is None or state.engine is None:
                 continue
             stats: Callable[[], dict[str, float]] = lambda e=state.engine: e.stats  # type: ignore[misc]
@@ -177,10 +177,10 @@ class PoolCollector(Collector):
         for key, doc in (("loads", "Model loads."), ("evictions", "Models evicted for room."),
                          ("bytes_loaded", "Bytes loaded.")):
             yield CounterMetricFamily(PREFIX + "pool_" + key, doc, value=totals[key])
-        state = GaugeMetricFamily(PREFIX + "model_loaded", "1 when the model is resident.", labels=["model_name"])
+        loaded = GaugeMetricFamily(PREFIX + "model_loaded", "1 when the model is resident.", labels=["model_name"])
         for name in self.pool.names:
-            state.add_metric([name], float(self.pool.state(name) == "loaded"))
-        yield state
+            loaded.add_metric([name], float(self.pool.state(name) == "loaded"))
+        yield loaded
 
 
 def make_pool_app(specs: list[ModelSpec], budget_bytes: int, front: ServerState, cache_dir: str | None,
@@ -224,9 +224,9 @@ def make_pool_app(specs: list[ModelSpec], budget_bytes: int, front: ServerState,
             yield
         finally:
             for name in pool.names:
-                entry = pool._entries[name]
-                if entry.handle is not None and entry.handle.engine is not None:
-                    entry.handle.engine.shutdown()
+                state = pool.peek(name)
+                if state is not None and state.engine is not None:
+                    state.engine.shutdown()
 
     return build_app(front, lifespan=lifespan), front, router
 
