@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 
@@ -208,3 +208,31 @@ class EngineConfig:
     """Scheduling limits."""
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     """MoE experts: memory budget, cache policy, prefetch (ignored for dense models)."""
+
+    @staticmethod
+    def flat_fields() -> dict[str, tuple[str, str]]:
+        """Flat option name -> (section, field): every field of every section, the expert fields
+        prefixed `expert_` (`expert_memory_budget`). `LLM(**options)` and the CLI flags use these names."""
+        out: dict[str, tuple[str, str]] = {}
+        for section, prefix in SECTION_PREFIXES.items():
+            for f in fields(SECTION_TYPES[section]):
+                out[prefix + f.name] = (section, f.name)
+        return out
+
+    def with_options(self, **options: object) -> EngineConfig:
+        """A copy with flat options replaced (see `flat_fields`); an unknown name is a ConfigError."""
+        known = EngineConfig.flat_fields()
+        changes: dict[str, dict[str, object]] = {}
+        for name, value in options.items():
+            if name not in known:
+                raise ConfigError(f"unknown engine option {name!r}; known options: {', '.join(known)}",
+                                  field=name)
+            section, key = known[name]
+            changes.setdefault(section, {})[key] = value
+        return replace(self, **{section: replace(getattr(self, section), **values)
+                                for section, values in changes.items()})
+
+
+SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                                  "experts": ExpertConfig}
+SECTION_PREFIXES = {"model": "", "cache": "", "scheduler": "", "experts": "expert_"}

@@ -19,7 +19,6 @@ from mixserve.server.serving import (
     RunStreamingResponse,
     ServerState,
     collect,
-    new_id,
     scaled_response,
     stream_frames,
 )
@@ -74,7 +73,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     params = chat_params(body, prompt, state.limits)
     if body.strategy is not None:
         return await scaled_response(state, body, [prompt], params, "chat.completion")
-    run = Run(state, new_id("chatcmpl"), [prompt], params)
+    run = Run(state, "chatcmpl", [prompt], params)
     shape = _Shape(state, body, run)
     if body.stream:
         async def last() -> list[dict[str, Any]]:
