@@ -17,7 +17,7 @@ from mixserve.edge.codec import Codec
 from mixserve.edge.config import CloudConfig, EdgeConfig
 from mixserve.edge.edge import EdgeRunner
 from mixserve.edge.frames import model_key
-from mixserve.edge.link import LocalLink
+from mixserve.edge.link import LinkError, LocalLink
 from mixserve.models.base import build_model
 from tests.experts.conftest import write_tokenizer
 
@@ -47,8 +47,14 @@ class Split:
     def edge(self, service: CloudService | None, split_layer: int, tau: float,
              codec: Codec = Codec.FP32, **kw: Any) -> tuple[EdgeRunner, LocalLink | None]:
         link = None if service is None else LocalLink(service)
+
+        def connect() -> LocalLink:
+            if link is None or not link.up:
+                raise LinkError("connection refused")
+            return link
+
         config = EdgeConfig(split_layer=split_layer, exit_threshold=tau, codec=codec, max_len=64, **kw)
-        return EdgeRunner(self.model, self.cfg, config, None if link is None else (lambda: link)), link
+        return EdgeRunner(self.model, self.cfg, config, None if link is None else connect), link
 
 
 def make_split(name: str, path: Path) -> Split:
