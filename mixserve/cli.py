@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     add_eval_args(ev)
     ev.set_defaults(func=cmd_eval)
+    from mixserve.edge.cli import add_parsers as add_edge_parsers
+
+    add_edge_parsers(sub)
     return parser
 
 

@@ -73,8 +73,9 @@ class WebSocketLink:
 
     def __init__(self, url: str, open_timeout: float = 5.0, max_frame_bytes: int = 64 << 20) -> None:
         try:
+            # legacy=True: a connection object we own and close (websockets >= 16 asks to say so).
             self.ws: ClientConnection = connect(url, open_timeout=open_timeout, compression=None,
-                                                max_size=2 * max_frame_bytes)
+                                                max_size=2 * max_frame_bytes, legacy=True)
         except (OSError, TimeoutError, ConnectionClosed) as e:
             raise LinkError(f"cannot reach the cloud at {url}: {e}") from e
         self.outbox: queue.Queue[bytes | None] = queue.Queue()

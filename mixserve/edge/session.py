@@ -73,6 +73,7 @@ class CloudSession:
                 held = self._wait_state(deadline)
                 if held is None:
                     return None
+                self.link.num_rebuilds += held == 0 and self.num_positions > 0  # the cloud lost it
                 self._send_from(held)
             self._send(Frame(FrameKind.INFER, self.sid, self.key, pos))
             return self._wait(pos, deadline, resync=True)

@@ -1,0 +1,116 @@
+"""`LLM`-level Python API of both sides: load a checkpoint by name or path, split it, run.
+
+>>> cloud = CloudServer("smollm2-135m", split_layer=15, port=8765); cloud.start()
+>>> edge = EdgeLLM("smollm2-135m", cloud_url="ws://127.0.0.1:8765", split_layer=15, exit_threshold=0.8)
+>>> edge.generate("The capital of France is", max_tokens=16).text
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mixserve.builder import LoadedModel, load_model
+from mixserve.config import EngineConfig, ModelConfig
+from mixserve.edge.cloud import CloudContextManager, CloudService, CloudStats
+from mixserve.edge.codec import Codec
+from mixserve.edge.config import CloudConfig, EdgeConfig
+from mixserve.edge.edge import EdgeResult, EdgeRunner, EdgeStats
+from mixserve.edge.frames import model_key
+from mixserve.edge.link import websocket_connector
+from mixserve.models.base import as_causal_lm
+
+
+def load(model: str, dtype: str = "float32", weight_format: str = "auto", num_threads: int | None = None,
+         cache_dir: str | Path | None = None) -> LoadedModel:
+    """The whole checkpoint (each side then runs only its layers)."""
+    config = EngineConfig(model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format,  # type: ignore[arg-type]
+                                            num_threads=num_threads))
+    return load_model(config, cache_dir=cache_dir)
+
+
+@dataclass
+class EdgeOutput:
+    """A generated sequence with its text and where each token was decided."""
+
+    text: str
+    result: EdgeResult
+
+
+class EdgeLLM:
+    """The edge: layers `[0, K)` + exit head; `cloud_url=None` runs standalone (edge-only)."""
+
+    def __init__(self, model: str, cloud_url: str | None, split_layer: int, exit_threshold: float = 0.8,
+                 codec: str = "fp16", cloud_timeout_s: float = 5.0, retry_interval_s: float = 2.0,
+                 naive: bool = False, max_len: int = 2048, loaded: LoadedModel | None = None,
+                 **load_kw: Any) -> None:
+        self.loaded = loaded if loaded is not None else load(model, **load_kw)
+        self.tokenizer = self.loaded.checkpoint.tokenizer
+        self.config = EdgeConfig(split_layer=split_layer, exit_threshold=exit_threshold, codec=Codec.parse(codec),
+                                 cloud_timeout_s=cloud_timeout_s, retry_interval_s=retry_interval_s,
+                                 naive=naive, max_len=max_len)
+        self.runner = EdgeRunner(as_causal_lm(self.loaded.model), self.loaded.checkpoint.hf_config, self.config,
+                                 None if cloud_url is None else websocket_connector(cloud_url, cloud_timeout_s),
+                                 self.loaded.dtype, tuple(self.tokenizer.eos_token_ids))
+
+    @property
+    def stats(self) -> EdgeStats:
+        return self.runner.stats
+
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 64, ignore_eos: bool = False,
+                 chat: bool = False, on_token: Any = None) -> EdgeOutput:
+        result = self.runner.generate(self.encode(prompt, chat), max_tokens, ignore_eos, on_token)
+        return EdgeOutput(self.tokenizer.decode(result.token_ids), result)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class CloudServer:
+    """The cloud: layers `[K, L)` + final head behind a WebSocket endpoint on `host:port` (0: any free port)."""
+
+    def __init__(self, model: str, split_layer: int, host: str = "127.0.0.1", port: int = 0,
+                 session_ttl_s: float = 600.0, memory_budget_bytes: int = 1 << 30,
+                 loaded: LoadedModel | None = None, **load_kw: Any) -> None:
+        from mixserve.edge.link import make_cloud_server
+
+        self.loaded = loaded if loaded is not None else load(model, **load_kw)
+        hf_config = self.loaded.checkpoint.hf_config
+        self.config = CloudConfig(split_layer=split_layer, session_ttl_s=session_ttl_s,
+                                  memory_budget_bytes=memory_budget_bytes)
+        manager = CloudContextManager(as_causal_lm(self.loaded.model), self.config, self.loaded.dtype)
+        self.service = CloudService(manager, model_key(hf_config, split_layer), int(hf_config["hidden_size"]),
+                                    tuple(self.loaded.checkpoint.tokenizer.eos_token_ids))
+        self.server = make_cloud_server(self.service, host, port)
+        self.host, self.port = self.server.socket.getsockname()[:2]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def stats(self) -> CloudStats:
+        return self.service.manager.stats
+
+    def serve_forever(self) -> None:
+        self.server.serve_forever()
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="edge-cloud")
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
