@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,9 @@ from mixserve.builder import LoadedModel, load_model
 from mixserve.config import EngineConfig, ModelConfig
 from mixserve.edge.cloud import CloudContextManager, CloudService, CloudStats
 from mixserve.edge.codec import Codec
-from mixserve.edge.config import CloudConfig, EdgeConfig
+from mixserve.edge.config import DEFAULT_MAX_FRAME_BYTES, CloudConfig, EdgeConfig
 from mixserve.edge.edge import EdgeResult, EdgeRunner, EdgeStats
-from mixserve.edge.frames import model_key
+from mixserve.edge.frames import Frame, FrameKind, decode_frame, model_key, pack_ids, unpack_ids
 from mixserve.edge.link import websocket_connector
 from mixserve.models.base import as_causal_lm
 
@@ -114,3 +115,36 @@ class CloudServer:
         self.server.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
+
+
+class CloudClient:
+    """Direct requests to a cloud endpoint: its counters (STATS) and, when it holds the whole model
+    (split layer 0), the cloud-only baseline (GENERATE: the prompt goes up once, the tokens come back)."""
+
+    def __init__(self, url: str, key: int, timeout_s: float = 120.0) -> None:
+        from mixserve.edge.link import WebSocketLink
+
+        self.link = WebSocketLink(url, timeout_s)
+        self.key = key
+        self.timeout_s = timeout_s
+        self.sid = bytes(16)
+
+    def _ask(self, frame: Frame, want: FrameKind) -> Frame:
+        self.link.send(frame.encode())
+        while (data := self.link.recv(self.timeout_s)) is not None:
+            reply = decode_frame(data, DEFAULT_MAX_FRAME_BYTES)
+            if reply.kind is FrameKind.ERROR:
+                raise RuntimeError(f"cloud refused {frame.kind.name}: {reply.payload.decode(errors='replace')}")
+            if reply.kind is want:
+                return reply
+        raise TimeoutError(f"no {want.name} from the cloud within {self.timeout_s}s")
+
+    def stats(self) -> dict[str, Any]:
+        return dict(json.loads(self._ask(Frame(FrameKind.STATS, self.sid, self.key), FrameKind.STATS).payload))
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        frame = Frame(FrameKind.GENERATE, self.sid, self.key, count=max_tokens, payload=pack_ids(prompt_ids))
+        return unpack_ids(self._ask(frame, FrameKind.TOKENS).payload)
+
+    def close(self) -> None:
+        self.link.close()

@@ -85,10 +85,16 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
     server = CloudServer(args.model, args.split_layer, args.host, args.port, args.session_ttl,
                          int(args.memory_budget_gib * (1 << 30)), **_load_kw(args))
-    signal.signal(signal.SIGTERM, lambda *_: server.server.shutdown())
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt  # leaves serve_forever in this (main) thread
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"[mixserve cloud] layers [{args.split_layer}, L) of {args.model} listening on {server.url}", flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:
+        pass
     finally:
         print(f"[mixserve cloud] {json.dumps(asdict(server.stats))}", file=sys.stderr, flush=True)
     return 0

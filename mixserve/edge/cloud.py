@@ -12,10 +12,11 @@ Invariants of a session:
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -243,6 +244,8 @@ class CloudService:
         if frame.kind is FrameKind.GENERATE:
             ids = m.generate(unpack_ids(frame.payload), frame.count, self.eos_token_ids)
             return [Frame(FrameKind.TOKENS, sid, key, payload=pack_ids(ids)).encode()]
+        if frame.kind is FrameKind.STATS:
+            return [Frame(FrameKind.STATS, sid, key, payload=json.dumps(asdict(m.stats)).encode()).encode()]
         if frame.kind is FrameKind.CLOSE:
             m.close(sid)
             return []

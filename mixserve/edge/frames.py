@@ -52,6 +52,8 @@ class FrameKind(enum.IntEnum):
     """cloud -> edge, to INFER / INFER_FULL: the token after `pos` (payload: id u32, logprob, top prob)."""
     TOKENS = 9
     """cloud -> edge, to GENERATE: payload u32 token ids."""
+    STATS = 11
+    """edge -> cloud: ask for the cloud's counters; cloud -> edge: payload JSON `CloudStats`."""
     ERROR = 10
     """cloud -> edge: `code` an `ErrorCode`, `pos` the expected position, `count` the kind of the refused
     frame (0: undecodable), payload a UTF-8 message."""
