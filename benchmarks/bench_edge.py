@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ from mixserve.edge.api import CloudClient, load  # noqa: E402
 from mixserve.edge.codec import Codec  # noqa: E402
 from mixserve.edge.config import EdgeConfig  # noqa: E402
 from mixserve.edge.edge import EdgeRunner  # noqa: E402
-from mixserve.edge.frames import model_key  # noqa: E402
+from mixserve.edge.exit_adapter import ExitAdapter  # noqa: E402
+from mixserve.edge.frames import HEADER_BYTES, model_key  # noqa: E402
 from mixserve.edge.link import websocket_connector  # noqa: E402
 from mixserve.edge.stage import SequenceStage  # noqa: E402
 from mixserve.models.base import as_causal_lm  # noqa: E402
@@ -105,22 +107,46 @@ def score(ref: Reference, task: Any, problems: list[Any], prompts: list[list[int
     return {"agreement": agree / max(total, 1), "sequence_match": exact / len(outs), "accuracy": correct / len(outs)}
 
 
-def run_edge(model: Any, cfg: dict, tok: Any, prompts: list[list[int]], args: argparse.Namespace, tau: float,
-             url: str | None, naive: bool = False) -> dict[str, Any]:
+class Mode:
+    """One way to produce tokens, with what it produced so far over the prompts of one network."""
+
+    def __init__(self, name: str, tau: float | None, generate: Any, stats: CloudClient | None,
+                 cloud_layers: int) -> None:
+        self.name, self.tau, self.generate, self.stats, self.cloud_layers = name, tau, generate, stats, cloud_layers
+        self.outs: list[list[int]] = []
+        self.times: list[float] = []
+        self.sources: list[str] = []
+        self.bytes = 0
+        self.cloud_s = 0.0
+        self.positions = 0
+
+    def run(self, ids: list[int]) -> None:
+        before = self.stats.stats() if self.stats is not None else None
+        t0 = time.perf_counter()
+        out, sources, nbytes = self.generate(ids)
+        self.times.append(time.perf_counter() - t0)
+        if before is not None and self.stats is not None:
+            after = self.stats.stats()
+            self.cloud_s += after["compute_seconds"] - before["compute_seconds"]
+            self.positions += after["num_computed_positions"] - before["num_computed_positions"]
+        self.outs.append(out)
+        self.sources += sources
+        self.bytes += nbytes
+
+
+def edge_mode(name: str, model: Any, cfg: dict, tok: Any, args: argparse.Namespace, tau: float, url: str | None,
+              stats: CloudClient | None, naive: bool = False, head: Any = None) -> tuple[Mode, EdgeRunner]:
     config = EdgeConfig(split_layer=args.split_layer, exit_threshold=tau, codec=Codec.parse(args.codec),
                         cloud_timeout_s=60.0, naive=naive, max_len=1024)
     edge = EdgeRunner(model, cfg, config, None if url is None else websocket_connector(url, 30.0), torch.float32,
-                      tuple(tok.eos_token_ids))
-    outs, times, sources, nbytes = [], [], [], 0
-    for ids in prompts:
-        t0 = time.perf_counter()
+                      tuple(tok.eos_token_ids), exit_head=head)
+
+    def generate(ids: list[int]) -> tuple[list[int], list[str], int]:
         r = edge.generate(ids, args.max_tokens)
-        times.append(time.perf_counter() - t0)
-        outs.append(r.token_ids)
-        sources += r.sources
-        nbytes += r.usage["link_bytes_sent"] + r.usage["link_bytes_received"]
-    edge.close()
-    return {"outs": outs, "times": times, "sources": sources, "bytes": nbytes}
+        return r.token_ids, r.sources, r.usage["link_bytes_sent"] + r.usage["link_bytes_received"]
+
+    num_layers = model.kv_cache_spec().end
+    return Mode(name, tau, generate, stats, num_layers - args.split_layer), edge
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,6 +154,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load(args.model, num_threads=args.threads)
     model, cfg, tok = as_causal_lm(loaded.model), loaded.checkpoint.hf_config, loaded.checkpoint.tokenizer
     num_layers = model.kv_cache_spec().end
+    head = None if args.exit_adapter is None else ExitAdapter.load(args.exit_adapter, model, cfg, args.split_layer)
     task = get_task("arithmetic")
     problems = task.generate(args.num_prompts, seed=0, difficulty=1)
     prompts = [tok.encode_chat([{"role": "user", "content": p.question}]) for p in problems]
@@ -138,45 +165,43 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         split_port, whole_port = clouds[0][1], clouds[1][1]
         split_stats = CloudClient(f"ws://127.0.0.1:{split_port}", model_key(cfg, args.split_layer))
         whole_stats = CloudClient(f"ws://127.0.0.1:{whole_port}", model_key(cfg, 0))
-        full: list[list[int]] | None = None
-        edge_only = run_edge(model, cfg, tok, prompts, args, 0.0, None)
         for net in args.networks:
             rtt, mbit = (float(x) for x in net.split(":"))
             relays = [relay(split_port, rtt, mbit), relay(whole_port, rtt, mbit)]
             split_url, whole_url = (f"ws://127.0.0.1:{p}" for _, p in relays)
+            client = CloudClient(whole_url, model_key(cfg, 0))
+            runners: list[EdgeRunner] = []
+
+            def cloud_only(ids: list[int], client: CloudClient = client) -> tuple[list[int], list[str], int]:
+                out = client.generate(ids, args.max_tokens)  # GENERATE up, TOKENS back: 4 bytes per id
+                return out, ["cloud"] * len(out), 2 * HEADER_BYTES + 4 * (len(ids) + len(out))
+
+            modes = [Mode("cloud-only", None, cloud_only, whole_stats, num_layers)]
+            specs = [("edge-only", 0.0, None, False, None), ("naive", args.naive_tau, split_url, True, None)]
+            specs += [("ce-collm", t, split_url, False, None) for t in args.taus]
+            if head is not None:
+                specs += [("ce+adapter", t, split_url, False, head) for t in args.adapter_taus]
+                specs += [("edge+adapter", 0.0, None, False, head)]
+            for name, tau, url, naive, h in specs:
+                mode, runner = edge_mode(name, model, cfg, tok, args, tau, url,
+                                         None if url is None else split_stats, naive, h)
+                modes.append(mode)
+                runners.append(runner)
             try:
-                before = whole_stats.stats()
-                client = CloudClient(whole_url, model_key(cfg, 0))
-                outs, times = [], []
-                for ids in prompts:
-                    t0 = time.perf_counter()
-                    outs.append(client.generate(ids, args.max_tokens))
-                    times.append(time.perf_counter() - t0)
-                client.close()
-                after = whole_stats.stats()
-                full = outs
-                link = after["bytes_received"] + after["bytes_sent"] - before["bytes_received"] - before["bytes_sent"]
-                base = row(net, "cloud-only", None, outs, times, ["cloud"] * sum(map(len, outs)), link,
-                           after, before, num_layers)
-                rows.append({**base, **score(ref, task, problems, prompts, outs, tok, full)})
-                print(fmt(rows[-1], rows), flush=True)
-                e = edge_only
-                rows.append({**row(net, "edge-only", 0.0, e["outs"], e["times"], e["sources"], e["bytes"],
-                                   None, None, 0), **score(ref, task, problems, prompts, e["outs"], tok, full)})
-                print(fmt(rows[-1], rows), flush=True)
-                modes = [("naive", args.naive_tau, True)] + [("ce-collm", t, False) for t in args.taus]
-                for name, tau, naive in modes:
-                    before = split_stats.stats()
-                    r = run_edge(model, cfg, tok, prompts, args, tau, split_url, naive)
-                    after = split_stats.stats()
-                    rows.append({**row(net, name, tau, r["outs"], r["times"], r["sources"], r["bytes"], after,
-                                       before, num_layers - args.split_layer),
-                                 **score(ref, task, problems, prompts, r["outs"], tok, full)})
-                    print(fmt(rows[-1], rows), flush=True)
+                for ids in prompts:  # modes interleaved per prompt: load bursts hit every mode alike
+                    for mode in modes:
+                        mode.run(ids)
             finally:
+                client.close()
+                for runner in runners:
+                    runner.close()
                 for proc, _ in relays:
                     if proc is not None:
                         proc.kill()
+            full = modes[0].outs
+            for mode in modes:
+                rows.append({**row(net, mode), **score(ref, task, problems, prompts, mode.outs, tok, full)})
+                print(fmt(rows[-1], rows), flush=True)
     finally:
         for proc, _ in clouds:
             proc.terminate()
@@ -191,21 +216,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         r["cloud_work_vs_cloud"] = r["cloud_layer_positions_per_token"] / base["cloud_layer_positions_per_token"]
         r["cloud_seconds_vs_cloud"] = r["cloud_ms_per_token"] / base["cloud_ms_per_token"]
     return {"model": args.model, "split_layer": args.split_layer, "num_layers": num_layers, "codec": args.codec,
-            "num_prompts": len(prompts), "max_tokens": args.max_tokens, "threads": args.threads, "rows": rows}
+            "num_prompts": len(prompts), "max_tokens": args.max_tokens, "threads": args.threads,
+            "exit_adapter": args.exit_adapter, "rows": rows}
 
 
-def row(net: str, mode: str, tau: float | None, outs: list[list[int]], times: list[float], sources: list[str],
-        nbytes: int, after: dict | None, before: dict | None, cloud_layers: int) -> dict[str, Any]:
-    tokens = sum(map(len, outs))
-    cloud_s = 0.0 if after is None or before is None else after["compute_seconds"] - before["compute_seconds"]
-    positions = 0 if after is None or before is None else \
-        after["num_computed_positions"] - before["num_computed_positions"]
-    return {"network": net, "mode": mode, "tau": tau, "tokens": tokens,
-            "latency_ms_per_token": 1000 * sum(times) / tokens,
-            "edge_share": sum(s != "cloud" for s in sources) / max(len(sources), 1),
-            "cloud_ms_per_token": 1000 * cloud_s / tokens,
-            "cloud_layer_positions_per_token": positions * cloud_layers / tokens,
-            "bytes": nbytes, "bytes_per_token": nbytes / tokens}
+def row(net: str, mode: Mode) -> dict[str, Any]:
+    tokens = sum(map(len, mode.outs))
+    return {"network": net, "mode": mode.name, "tau": mode.tau, "tokens": tokens,
+            "latency_ms_per_token": 1000 * sum(mode.times) / tokens,
+            "latency_ms_per_token_median": 1000 * statistics.median(t / max(len(o), 1)
+                                                                     for t, o in zip(mode.times, mode.outs)),
+            "edge_share": sum(s != "cloud" for s in mode.sources) / max(len(mode.sources), 1),
+            "cloud_ms_per_token": 1000 * mode.cloud_s / tokens,
+            "cloud_layer_positions_per_token": mode.positions * mode.cloud_layers / tokens,
+            "bytes": mode.bytes, "bytes_per_token": mode.bytes / tokens}
 
 
 HEAD = (f"{'network':>8} {'mode':>10} {'tau':>4} {'ms/tok':>7} {'vs cloud':>8} {'edge%':>6} {'cloud ms/tok':>12} "
@@ -237,6 +261,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].plot(taus, [r["edge_share"] for r in ce0], "o-", label="share decided at the edge")
     axes[0].plot(taus, [r["agreement"] for r in ce0], "s-", label="agreement with the full model")
     axes[0].plot(taus, [r["accuracy"] for r in ce0], "^-", label="task accuracy")
+    ad0 = [r for r in rows if r["mode"] == "ce+adapter" and r["network"] == nets[0]]
+    if ad0:
+        axes[0].plot([r["tau"] for r in ad0], [r["edge_share"] for r in ad0], "o", mfc="none", ms=9, c="C0",
+                     label="edge share, fitted exit adapter")
+        axes[0].plot([r["tau"] for r in ad0], [r["agreement"] for r in ad0], "s", mfc="none", ms=9, c="C1",
+                     label="agreement, fitted exit adapter")
     full_acc = next(r["accuracy"] for r in rows if r["mode"] == "cloud-only")
     axes[0].axhline(full_acc, ls=":", c="gray", label="cloud-only accuracy")
     axes[0].set(xlabel="exit threshold τ", title="exit rate, agreement, accuracy", ylim=(0, 1.05))
@@ -272,12 +302,14 @@ def main() -> None:
     p.add_argument("--split-layer", type=int, default=15)
     p.add_argument("--taus", type=lambda s: [float(x) for x in s.split(",")], default=[0.6, 0.8, 0.9, 1.0])
     p.add_argument("--naive-tau", type=float, default=0.8)
-    p.add_argument("--networks", type=lambda s: s.split(","), default=["0:0", "20:100", "20:10", "80:100", "80:10"],
+    p.add_argument("--networks", type=lambda s: s.split(","), default=["0:0", "20:100", "20:10", "80:10"],
                    help="rtt_ms:mbit pairs; 0:0 is plain loopback")
     p.add_argument("--codec", default="fp16", choices=["fp32", "fp16", "int8"])
-    p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--num-prompts", type=int, default=6)
+    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the edge and of each cloud")
+    p.add_argument("--exit-adapter", default=None, help="also run the edge with this fitted exit adapter")
+    p.add_argument("--adapter-taus", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 0.9])
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:

@@ -19,6 +19,7 @@ from mixserve.edge.cloud import CloudContextManager, CloudService, CloudStats
 from mixserve.edge.codec import Codec
 from mixserve.edge.config import DEFAULT_MAX_FRAME_BYTES, CloudConfig, EdgeConfig
 from mixserve.edge.edge import EdgeResult, EdgeRunner, EdgeStats
+from mixserve.edge.exit_adapter import ExitAdapter, FitConfig, default_path, fit_exit_adapter
 from mixserve.edge.frames import Frame, FrameKind, decode_frame, model_key, pack_ids, unpack_ids
 from mixserve.edge.link import websocket_connector
 from mixserve.models.base import as_causal_lm
@@ -45,16 +46,18 @@ class EdgeLLM:
 
     def __init__(self, model: str, cloud_url: str | None, split_layer: int, exit_threshold: float = 0.8,
                  codec: str = "fp16", cloud_timeout_s: float = 5.0, retry_interval_s: float = 2.0,
-                 naive: bool = False, max_len: int = 2048, loaded: LoadedModel | None = None,
-                 **load_kw: Any) -> None:
+                 naive: bool = False, max_len: int = 2048, exit_adapter: str | Path | None = None,
+                 loaded: LoadedModel | None = None, **load_kw: Any) -> None:
         self.loaded = loaded if loaded is not None else load(model, **load_kw)
         self.tokenizer = self.loaded.checkpoint.tokenizer
         self.config = EdgeConfig(split_layer=split_layer, exit_threshold=exit_threshold, codec=Codec.parse(codec),
                                  cloud_timeout_s=cloud_timeout_s, retry_interval_s=retry_interval_s,
                                  naive=naive, max_len=max_len)
-        self.runner = EdgeRunner(as_causal_lm(self.loaded.model), self.loaded.checkpoint.hf_config, self.config,
+        lm, hf_config = as_causal_lm(self.loaded.model), self.loaded.checkpoint.hf_config
+        head = None if exit_adapter is None else ExitAdapter.load(exit_adapter, lm, hf_config, split_layer)
+        self.runner = EdgeRunner(lm, hf_config, self.config,
                                  None if cloud_url is None else websocket_connector(cloud_url, cloud_timeout_s),
-                                 self.loaded.dtype, tuple(self.tokenizer.eos_token_ids))
+                                 self.loaded.dtype, tuple(self.tokenizer.eos_token_ids), exit_head=head)
 
     @property
     def stats(self) -> EdgeStats:
@@ -148,3 +151,27 @@ class CloudClient:
 
     def close(self) -> None:
         self.link.close()
+
+
+def fit_prompts(tokenizer: Any, num_per_task: int, seed: int = 1000) -> list[list[int]]:
+    """Chat prompts from every task of the suite (difficulty 1-3, a seed the benchmarks do not use)."""
+    from mixserve.scaling.tasks import TASKS
+
+    prompts = []
+    for task in TASKS.values():
+        for difficulty in (1, 2, 3):
+            for problem in task.generate(num_per_task, seed=seed, difficulty=difficulty):
+                prompts.append(tokenizer.encode_chat([{"role": "user", "content": problem.question}]))
+    return prompts
+
+
+def fit_exit(model: str, split_layer: int, num_per_task: int = 2, config: FitConfig | None = None,
+             out: str | Path | None = None, **load_kw: Any) -> tuple[Path, ExitAdapter]:
+    """Fit an exit adapter for layer `split_layer` of `model` and save it beside the model."""
+    loaded = load(model, **load_kw)
+    prompts = fit_prompts(loaded.checkpoint.tokenizer, num_per_task)
+    adapter = fit_exit_adapter(as_causal_lm(loaded.model), loaded.checkpoint.hf_config, split_layer, prompts,
+                               config or FitConfig())
+    path = Path(out) if out is not None else default_path(loaded.checkpoint.path, split_layer)
+    adapter.save(path)
+    return path, adapter

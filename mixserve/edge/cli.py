@@ -23,7 +23,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub: Any) -> None:
     """Register `edge` and `cloud` on the `mixserve` subcommand parser."""
     edge = sub.add_parser("edge", help="split inference, edge side: layers [0, K) + early exit, defers to a cloud")
-    edge.add_argument("prompt", help="prompt text")
+    edge.add_argument("prompt", help="prompt text, or `fit-exit` to fit an exit adapter for --split-layer")
     edge.add_argument("--cloud", default=None, metavar="URL",
                       help="cloud endpoint, e.g. ws://127.0.0.1:8765 (omit: standalone edge)")
     edge.add_argument("--exit-threshold", type=float, default=0.8,
@@ -37,6 +37,14 @@ def add_parsers(sub: Any) -> None:
     edge.add_argument("--ignore-eos", action="store_true")
     edge.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     edge.add_argument("--json", action="store_true", help="print one JSON object (tokens, sources, usage)")
+    edge.add_argument("--exit-adapter", default=None, metavar="PATH",
+                      help="exit head fitted by `mixserve edge fit-exit` (default: the model's own norm + LM head)")
+    fit = edge.add_argument_group("fit-exit (`mixserve edge fit-exit --model M --split-layer K`)")
+    fit.add_argument("--fit-prompts-per-task", type=int, default=2,
+                     help="task-suite prompts per task and difficulty (1-3) the whole model continues")
+    fit.add_argument("--fit-tokens", type=int, default=64, help="tokens sampled after each prompt")
+    fit.add_argument("--fit-ridge", type=float, default=1.0)
+    fit.add_argument("--out", default=None, help="where to save (default: beside the model)")
     _model_args(edge)
     edge.set_defaults(func=cmd_edge)
     cloud = sub.add_parser("cloud", help="split inference, cloud side: layers [K, L) + head, WebSocket endpoint")
@@ -53,11 +61,29 @@ def _load_kw(args: argparse.Namespace) -> dict[str, Any]:
                 cache_dir=args.cache_dir)
 
 
+def cmd_fit_exit(args: argparse.Namespace) -> int:
+    from mixserve.edge.api import fit_exit
+    from mixserve.edge.exit_adapter import FitConfig
+
+    config = FitConfig(max_tokens=args.fit_tokens, ridge=args.fit_ridge)
+    start = time.perf_counter()
+    path, adapter = fit_exit(args.model, args.split_layer, args.fit_prompts_per_task, config, args.out,
+                             **_load_kw(args))
+    meta = adapter.meta
+    print(f"[mixserve edge] exit adapter for layer {args.split_layer} written to {path} in "
+          f"{time.perf_counter() - start:.0f}s: agreement with the full model on "
+          f"{meta['num_test_positions']} held-out positions {meta['agreement_adapter']:.3f} "
+          f"(default head {meta['agreement_default_head']:.3f})")
+    return 0
+
+
 def cmd_edge(args: argparse.Namespace) -> int:
     from mixserve.edge.api import EdgeLLM
 
+    if args.prompt == "fit-exit":
+        return cmd_fit_exit(args)
     llm = EdgeLLM(args.model, args.cloud, args.split_layer, args.exit_threshold, args.codec, args.cloud_timeout,
-                  args.retry_interval, args.naive, args.max_len, **_load_kw(args))
+                  args.retry_interval, args.naive, args.max_len, args.exit_adapter, **_load_kw(args))
     detok = llm.tokenizer.detokenizer(llm.encode(args.prompt, args.chat))
 
     def show(token: int, source: str) -> None:

@@ -51,17 +51,19 @@ class CloudProcess:
             pytest.fail(f"cloud did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
         self.url = line.split("listening on ")[1].strip()
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = False) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+            self.proc.terminate() if graceful else self.proc.kill()
+        self.proc.wait(timeout=10)  # SIGTERM: the server stops and prints its counters
 
 
 @pytest.fixture
 def cloud(llama: Split) -> Iterator[CloudProcess]:
     proc = CloudProcess(llama.path, 2, free_port())
     yield proc
-    proc.stop()
+    if proc.proc.poll() is None:
+        proc.stop(graceful=True)
+        assert proc.proc.stderr is not None and "num_infers" in proc.proc.stderr.read()
 
 
 def run_edge(llama: Split, url: str, tau: float) -> dict:
