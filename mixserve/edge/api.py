@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from mixserve.edge.config import DEFAULT_MAX_FRAME_BYTES, CloudConfig, EdgeConfi
 from mixserve.edge.edge import EdgeResult, EdgeRunner, EdgeStats
 from mixserve.edge.exit_adapter import ExitAdapter, FitConfig, default_path, fit_exit_adapter
 from mixserve.edge.frames import Frame, FrameKind, decode_frame, model_key, pack_ids, unpack_ids
-from mixserve.edge.link import websocket_connector
+from mixserve.edge.link import Link, websocket_connector
 from mixserve.models.base import as_causal_lm
 
 
@@ -47,7 +48,8 @@ class EdgeLLM:
     def __init__(self, model: str, cloud_url: str | None, split_layer: int, exit_threshold: float = 0.8,
                  codec: str = "fp16", cloud_timeout_s: float = 5.0, retry_interval_s: float = 2.0,
                  naive: bool = False, max_len: int = 2048, exit_adapter: str | Path | None = None,
-                 loaded: LoadedModel | None = None, **load_kw: Any) -> None:
+                 loaded: LoadedModel | None = None, connect: Callable[[], Link] | None = None,
+                 **load_kw: Any) -> None:
         self.loaded = loaded if loaded is not None else load(model, **load_kw)
         self.tokenizer = self.loaded.checkpoint.tokenizer
         self.config = EdgeConfig(split_layer=split_layer, exit_threshold=exit_threshold, codec=Codec.parse(codec),
@@ -55,8 +57,9 @@ class EdgeLLM:
                                  naive=naive, max_len=max_len)
         lm, hf_config = as_causal_lm(self.loaded.model), self.loaded.checkpoint.hf_config
         head = None if exit_adapter is None else ExitAdapter.load(exit_adapter, lm, hf_config, split_layer)
-        self.runner = EdgeRunner(lm, hf_config, self.config,
-                                 None if cloud_url is None else websocket_connector(cloud_url, cloud_timeout_s),
+        if connect is None and cloud_url is not None:
+            connect = websocket_connector(cloud_url, cloud_timeout_s)
+        self.runner = EdgeRunner(lm, hf_config, self.config, connect,
                                  self.loaded.dtype, tuple(self.tokenizer.eos_token_ids), exit_head=head)
 
     @property
@@ -72,8 +75,10 @@ class EdgeLLM:
 
     def generate(self, prompt: str | list[int], max_tokens: int = 64, ignore_eos: bool = False,
                  chat: bool = False, on_token: Any = None) -> EdgeOutput:
-        result = self.runner.generate(self.encode(prompt, chat), max_tokens, ignore_eos, on_token)
-        return EdgeOutput(self.tokenizer.decode(result.token_ids), result)
+        ids = self.encode(prompt, chat)
+        result = self.runner.generate(ids, max_tokens, ignore_eos, on_token)
+        detok = self.tokenizer.detokenizer(ids)  # text as a stream shows it (prompt context, e.g. spaces)
+        return EdgeOutput(detok.push_many(result.token_ids) + detok.flush(), result)
 
     def close(self) -> None:
         self.runner.close()

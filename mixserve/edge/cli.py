@@ -23,7 +23,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub: Any) -> None:
     """Register `edge` and `cloud` on the `mixserve` subcommand parser."""
     edge = sub.add_parser("edge", help="split inference, edge side: layers [0, K) + early exit, defers to a cloud")
-    edge.add_argument("prompt", help="prompt text, or `fit-exit` to fit an exit adapter for --split-layer")
+    edge.add_argument("prompt", nargs="?", default=None,
+                      help="prompt text, or `fit-exit` to fit an exit adapter for --split-layer; "
+                           "omit with --serve")
+    edge.add_argument("--serve", action="store_true", help="serve the OpenAI API on --host/--port instead")
+    edge.add_argument("--host", default="127.0.0.1")
+    edge.add_argument("--port", type=int, default=8100)
     edge.add_argument("--cloud", default=None, metavar="URL",
                       help="cloud endpoint, e.g. ws://127.0.0.1:8765 (omit: standalone edge)")
     edge.add_argument("--exit-threshold", type=float, default=0.8,
@@ -82,8 +87,18 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
     if args.prompt == "fit-exit":
         return cmd_fit_exit(args)
+    if (args.prompt is None) != args.serve:
+        raise ValueError("give a prompt, or --serve without one")
     llm = EdgeLLM(args.model, args.cloud, args.split_layer, args.exit_threshold, args.codec, args.cloud_timeout,
                   args.retry_interval, args.naive, args.max_len, args.exit_adapter, **_load_kw(args))
+    if args.serve:
+        import uvicorn
+
+        from mixserve.edge.server import build_edge_app
+
+        print(f"[mixserve edge] OpenAI API on http://{args.host}:{args.port}/v1 (cloud: {args.cloud})", flush=True)
+        uvicorn.run(build_edge_app(llm, args.model), host=args.host, port=args.port, log_level="warning")
+        return 0
     detok = llm.tokenizer.detokenizer(llm.encode(args.prompt, args.chat))
 
     def show(token: int, source: str) -> None:
