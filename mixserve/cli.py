@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(ev.add_argument_group("evaluation (fields of EvalConfig)"), EvalConfig, dest_prefix="eval_",
               flags={"out_dir": Flag(names=("--out",)), "temperature": Flag(names=("-t",))})
     ev.set_defaults(func=cmd_eval)
+    from mixserve.edge.cli import add_parsers as add_edge_parsers
+
+    add_edge_parsers(sub)
     return parser
 
 
