@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     add_eval_args(ev)
     ev.set_defaults(func=cmd_eval)
+    from mixserve.experts.moefy_cli import add_parser as add_moefy_parser
+
+    add_moefy_parser(sub)
     return parser
 
 
