@@ -1,6 +1,10 @@
 """Quality of moefied models against their dense source, on held-out text.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/moefy_quality.py --dense smollm2-135m --moe OUT1 OUT2 ...
+    PYTHONPATH=. .venv/bin/python benchmarks/moefy_quality.py --dense smollm2-135m \
+        --build benchmarks/work/moefy --variants 16:4:0.25:coactivation,64:16:0.25:coactivation [--moe DIR ...]
+
+--variants E:K:F:METHOD builds each moefied model into --build/<name> first (one calibration recording
+shared by all of them; an existing folder is reused).
 
 Held-out text: the docstrings of `HELD_OUT_MODULES` (standard library, disjoint from the calibration
 modules), cut into windows of --window tokens, --tokens in all. For every model: perplexity on that text
@@ -70,10 +74,34 @@ def evaluate(model: Any, windows: list[list[int]], dense_top1: list[torch.Tensor
             top1s, gens)
 
 
+def _build(args: argparse.Namespace) -> list[str]:
+    from mixserve.experts.moefy import MoefyConfig, calibrate, moefy
+
+    if not args.variants:
+        return []
+    if args.build is None:
+        raise SystemExit("--variants needs --build")
+    configs = []
+    for v in args.variants.split(","):
+        e, k, f, method = v.split(":")
+        out = Path(args.build) / f"e{e}k{k}f{f}-{method}"
+        configs.append(MoefyConfig(args.dense, str(out), int(e), int(k), float(f), method=method))  # type: ignore[arg-type]
+    todo = [c for c in configs if not (Path(c.out) / "moefy.json").is_file()]
+    if todo:
+        calibrated = calibrate(todo[0])
+        for c in todo:
+            report = moefy(c, calibrated=calibrated)
+            print(f"built {c.out} in {report.seconds:.0f}s", file=sys.stderr)
+        del calibrated
+    return [c.out for c in configs]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", required=True)
-    ap.add_argument("--moe", nargs="+", required=True)
+    ap.add_argument("--moe", nargs="*", default=[])
+    ap.add_argument("--build", default=None, help="folder for the --variants checkpoints")
+    ap.add_argument("--variants", default="", help="E:K:F:METHOD,... to moefy first")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=16)
@@ -82,6 +110,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    moe_paths = list(args.moe) + _build(args)
     dense, _ = _load(args.dense)
     tok = load_checkpoint(resolve_model(args.dense, progress=False)).tokenizer
     windows = token_windows([tok.encode(t) for t in module_docstrings(HELD_OUT_MODULES)], args.window, args.tokens)
@@ -92,7 +121,7 @@ def main() -> int:
     rows.append({"model": "dense", **base})
     print(f"dense: ppl {base['ppl']:.2f}", file=sys.stderr)
     del dense
-    for path in args.moe:
+    for path in moe_paths:
         model, cfg = _load(path)
         meta = json.loads((Path(path) / "moefy.json").read_text())
         res, _, _ = evaluate(model, windows, top1, None, 0, args.prompt_len)

@@ -196,6 +196,18 @@ class BudgetedExpertProvider:
                     return
                 self.stats.prefetch_issued += priority == PREDICTED
 
+    def preload(self) -> None:
+        """Read every expert now (the budget must hold them all): the all-in-RAM configuration on the
+        same code path as a budgeted one, with no reads left for later steps."""
+        if any(c.capacity < self.num_experts for c in self.caches.values()):
+            raise ValueError(f"preload needs room for all {self.num_experts} experts per layer; "
+                             f"capacities are {self.capacity}")
+        for layer_idx in self.layer_ids:
+            self.prefetch(layer_idx, list(range(self.num_experts)), DEMAND)
+            for slot in self.caches[layer_idx].slots:
+                self._wait(slot)
+        self.reset_stats()
+
     # ---- accounting ----------------------------------------------------------------------------------
 
     def resident_nbytes(self) -> int:

@@ -59,7 +59,7 @@ class MoefyConfig:
     """`coactivation` (cluster neurons by activation pattern) or `kmeans` (cluster gate-projection rows)."""
     calibration_files: tuple[str, ...] = ()
     """Text files to calibrate on; empty: the standard-library docstring set (`moefy_calib`)."""
-    max_calibration_tokens: int = 8192
+    max_calibration_tokens: int = 4096
     """Tokens of calibration text to record."""
     window: int = 256
     """Tokens per calibration forward pass."""

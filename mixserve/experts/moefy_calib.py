@@ -126,22 +126,28 @@ class FFNRecord:
 
 
 def record_ffn(model: nn.Module, windows: Sequence[Sequence[int]]) -> list[FFNRecord]:
-    """Run a dense llama-family mixserve model over `windows` and record every layer's FFN traffic."""
+    """Run a dense llama-family mixserve model over `windows` and record every layer's FFN traffic
+    (into buffers allocated once: memory is the records themselves, no concatenation copies)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no model.layers to record")
-    xs: list[list[torch.Tensor]] = [[] for _ in layers]
-    hs: list[list[torch.Tensor]] = [[] for _ in layers]
+    num_tokens = sum(len(w) for w in windows)
+    records = [FFNRecord(torch.empty(num_tokens, block.mlp.gate_up_proj.in_features),
+                         torch.empty(num_tokens, block.mlp.down_proj.in_features)) for block in layers]
+    offset = 0
+
+    def keep(buffer: torch.Tensor, value: torch.Tensor) -> None:
+        buffer[offset:offset + value.shape[0]] = value.detach()
+
     handles = []
-    for i, block in enumerate(layers):
-        handles.append(block.mlp.register_forward_pre_hook(
-            lambda _m, args, i=i: xs[i].append(args[0].detach().float().clone())))
-        handles.append(block.mlp.down_proj.register_forward_pre_hook(
-            lambda _m, args, i=i: hs[i].append(args[0].detach().float().clone())))
+    for rec, block in zip(records, layers):
+        handles.append(block.mlp.register_forward_pre_hook(lambda _m, args, r=rec: keep(r.x, args[0])))
+        handles.append(block.mlp.down_proj.register_forward_pre_hook(lambda _m, args, r=rec: keep(r.h, args[0])))
     try:
         for ids in windows:
             forward_logits(model, ids)
+            offset += len(ids)
     finally:
         for handle in handles:
             handle.remove()
-    return [FFNRecord(torch.cat(x), torch.cat(h)) for x, h in zip(xs, hs)]
+    return records

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how neurons are grouped into experts (default: %(default)s)")
     p.add_argument("--calibration", nargs="+", default=[], metavar="FILE",
                    help="text files to calibrate on (default: the standard-library docstring set)")
-    p.add_argument("--calibration-tokens", type=int, default=8192, help="tokens recorded (default: %(default)s)")
+    p.add_argument("--calibration-tokens", type=int, default=4096, help="tokens recorded (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_moefy)
