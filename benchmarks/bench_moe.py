@@ -52,7 +52,7 @@ from mixserve.loading.tokenizer import load_tokenizer  # noqa: E402
 
 QUICK = MoeShape(num_hidden_layers=4, hidden_size=256, intermediate_size=128, num_experts=64,
                  num_experts_per_tok=8, num_attention_heads=4, vocab_size=1024)
-MODES = ("ram", "mmap", "ondemand", "lru", "ours")
+MODES = ("ram", "mmap", "ondemand", "lru", "lookahead", "ours")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-MODES = ("ram", "mmap", "ondemand", "lru", "ours")
+MODES = ("ram", "mmap", "ondemand", "lru", "lookahead", "ours")
 
 
 def _find(rows: list[dict[str, Any]], mode: str, trace: str, budget: float | None) -> dict[str, Any] | None:

@@ -7,9 +7,12 @@ the expert provider of `spec["mode"]`:
   mmap      zero-copy views of the mmap'd checkpoint (page cache only)
   ondemand  read on every use, nothing kept, no prediction
   lru       BudgetedExpertProvider, LRU, no prediction
-  ours      BudgetedExpertProvider, LFRU + next-layer prefetch (router on real routing, affinity on
-            synthetic routing, where the router cannot see the replayed choice); per-layer capacity
-            planned from the routing trace the ram run recorded on a different (planning) prompt
+  lookahead as ours, with the layer-ahead router lookahead even where a pre-gate exists (comparison)
+  ours      BudgetedExpertProvider, LFRU + prefetch from the pre-gating router when the model has one
+            (`pregate.safetensors`, written by moefy: all layers at once), else next-layer prefetch
+            (router on real routing, affinity on synthetic routing, where the router cannot see the
+            replayed choice); per-layer capacity planned from the routing trace the ram run recorded
+            on a different (planning) prompt (ours and lookahead)
 then prefills `prefill_tokens` ids (`spec["prompt_ids"]`: real text; else random ids) in one forward
 pass and decodes greedily, timing both.
 With `trace == "zipf"` routing comes from `SyntheticRouting` (same seed in every run: identical
@@ -29,6 +32,7 @@ from moe_baselines import MmapExpertProvider, OnDemandProvider
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.capacity import plan_capacity_from_trace
 from mixserve.experts.predict import AffinityPredictor, RouterLookahead
+from mixserve.experts.pregate import PREGATE_FILE, PreGate
 from mixserve.experts.setup import moe_routers, total_expert_nbytes
 from mixserve.experts.store import ExpertStore
 from mixserve.experts.synthetic import SyntheticRouting, SyntheticRoutingConfig
@@ -61,11 +65,11 @@ def _provider(spec: dict[str, Any], store: ExpertStore) -> Any:
     if mode == "ondemand":
         return OnDemandProvider(store, spec["budget_bytes"], DTYPE, spec["io_threads"])
     capacity = None
-    if mode == "ours" and spec.get("plan_trace") and Path(spec["plan_trace"]).is_file():
+    if mode in ("ours", "lookahead") and spec.get("plan_trace") and Path(spec["plan_trace"]).is_file():
         slot = BudgetedExpertProvider.slot_sizes(store, DTYPE)
         capacity = plan_capacity_from_trace(RoutingTrace.load(spec["plan_trace"]), store.layer_ids,
                                             store.num_experts, slot, spec["budget_bytes"])
-    return BudgetedExpertProvider(store, spec["budget_bytes"], DTYPE, policy="lru" if mode == "lru" else "lfru",
+    return BudgetedExpertProvider(store, spec["budget_bytes"], DTYPE, policy="lru" if mode == "lru" else "lfru",  # noqa: E501
                                   io_threads=spec["io_threads"], capacity=capacity)
 
 
@@ -79,10 +83,14 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any, ExpertStore]:
     model.set_expert_provider(provider)
     model = model.to(DTYPE)
     model.load_weights((n, t.to(DTYPE)) for n, t in source.iter_tensors())
-    if spec["mode"] == "ours" and isinstance(provider, BudgetedExpertProvider):
+    if spec["mode"] in ("ours", "lookahead") and isinstance(provider, BudgetedExpertProvider):
         top_k = int(cfg["num_experts_per_tok"])
-        provider.predictor = (AffinityPredictor(store.layer_ids, store.num_experts, top_k)
-                              if spec["trace"] == "zipf" else RouterLookahead(moe_routers(model), top_k))
+        pregate = Path(spec["checkpoint"]) / PREGATE_FILE
+        if spec["mode"] == "ours" and spec["trace"] == "real" and pregate.is_file():
+            provider.step_predictor = PreGate.load(pregate.parent, top_k)
+        else:
+            provider.predictor = (AffinityPredictor(store.layer_ids, store.num_experts, top_k)
+                                  if spec["trace"] == "zipf" else RouterLookahead(moe_routers(model), top_k))
     if spec["trace"] == "zipf":
         set_route_source(model, SyntheticRouting(SyntheticRoutingConfig(
             tuple(store.layer_ids), store.num_experts, int(cfg["num_experts_per_tok"]),

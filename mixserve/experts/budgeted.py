@@ -24,6 +24,7 @@ from mixserve.experts.cache import LayerCache, Loaded, Slot, plan_capacity
 from mixserve.experts.iopool import DEMAND, NEXT_WAVE, PREDICTED, IOPool
 from mixserve.experts.policy import EvictionPolicy, make_policy
 from mixserve.experts.predict import ExpertPredictor
+from mixserve.experts.pregate import StepPredictor
 from mixserve.experts.provider import ExpertWeights
 from mixserve.experts.quant import decode, decoded_nbytes
 from mixserve.experts.stats import ExpertStats
@@ -36,9 +37,11 @@ class BudgetedExpertProvider:
     def __init__(self, store: ExpertStore, budget_nbytes: int, dtype: torch.dtype, *,
                  policy: str | Callable[[int], EvictionPolicy] = "lfru",
                  predictor: ExpertPredictor | None = None, io_threads: int = 2,
-                 capacity: dict[int, int] | None = None) -> None:
+                 capacity: dict[int, int] | None = None, step_predictor: StepPredictor | None = None) -> None:
         """`policy`: a name (lru, lfu, lfru) or a factory layer_idx -> policy (e.g. Belady over a
-        recorded trace). `capacity`: slots per layer instead of `plan_capacity` (must fit the budget)."""
+        recorded trace). `capacity`: slots per layer instead of `plan_capacity` (must fit the budget).
+        `step_predictor`: a pre-gating router asked once per step, at the first MoE layer, for every
+        layer's experts (all fetched at once); `predictor`: asked per layer for the next one."""
         self.store = store
         self.dtype = dtype
         self.layer_ids = list(store.layer_ids)
@@ -55,6 +58,7 @@ class BudgetedExpertProvider:
         if sum(c.capacity * c.slot_nbytes for c in self.caches.values()) > budget_nbytes:
             raise ValueError(f"expert cache capacities {self.capacity} exceed the budget of {budget_nbytes} bytes")
         self.predictor = predictor
+        self.step_predictor = step_predictor
         self.io = IOPool(io_threads)
         self.stats = ExpertStats(self.layer_ids)
         self._waves: dict[int, list[list[int]]] = {}
@@ -74,6 +78,8 @@ class BudgetedExpertProvider:
         cache = self.caches[layer_idx]
         if layer_idx == self.layer_ids[0]:
             self.stats.begin_step(x.shape[0])
+            if self.step_predictor is not None:
+                self._predict_step(x)
         predicted = self._predicted.pop(layer_idx, None)
         if predicted is not None:
             self.stats.record_recall(layer_idx, len(predicted & set(active_ids)), len(active_ids))
@@ -94,6 +100,14 @@ class BudgetedExpertProvider:
             waves += [order[i:i + size] for i in range(start, len(order), size)]
         self._waves[layer_idx] = [list(w) for w in waves]
         return waves
+
+    def _predict_step(self, x: torch.Tensor) -> None:
+        """Every layer's predicted experts, read now (low priority, into idle slots), nearest layer first."""
+        assert self.step_predictor is not None
+        for layer_idx, ranked in sorted(self.step_predictor.predict_step(x).items()):
+            if layer_idx in self.caches:
+                self._predicted[layer_idx] = set(ranked)
+                self.prefetch(layer_idx, ranked[:self.caches[layer_idx].capacity], PREDICTED)
 
     def get(self, layer_idx: int, expert_ids: list[int]) -> ExpertWeights:
         cache = self.caches[layer_idx]

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from mixserve.experts.moefy_calib import FFNRecord, calibration_text, record_ffn, token_windows
 from mixserve.experts.moefy_split import Method, expert_mass, fit_router, split_neurons, topk_recall
+from mixserve.experts.pregate import PreGate, fit_pregate
 from mixserve.hub import resolve_model
 from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
 from mixserve.models.base import build_model
@@ -99,6 +100,10 @@ class MoefyReport:
     """Per layer: share of the true top-k experts (by activation mass) the router picks, calibration set."""
     covered_mass: list[float] = field(default_factory=list)
     """Per layer: share of the routed activation mass inside the router's top-k, calibration set."""
+    pregate_recall: list[float] = field(default_factory=list)
+    """Per layer: share of each token's top-k the pre-gating router's top-k names (calibration set)."""
+    pregate_recall_2k: list[float] = field(default_factory=list)
+    """The same with the pre-gate's top-2k (prefetching twice the active experts)."""
     seconds: float = 0.0
 
 
@@ -179,7 +184,7 @@ def calibrate(config: MoefyConfig, progress: bool = True) -> Calibrated:
     cfg = check_dense(ckpt)
     plan_sizes(int(cfg["intermediate_size"]), config.num_experts, config.shared_fraction)  # fail early
     tensors = dict(ckpt.weights(dtype=torch.float32))
-    dense = build_model(cfg, torch.float32)
+    dense: Any = build_model(cfg, torch.float32)
     dense.load_weights(tensors.items())
     dense.eval()
     cal = calibration_text(config.calibration_files)
@@ -207,8 +212,11 @@ def moefy(config: MoefyConfig, progress: bool = True, calibrated: Calibrated | N
                          dict(cal.calibration))
     moe_tensors = {k: v for k, v in tensors.items() if ".mlp." not in k
                    and not (cfg.get("tie_word_embeddings") and k == "lm_head.weight")}
+    routes = []
     for layer, rec in enumerate(cal.records):
-        moe_tensors.update(_layer_tensors(layer, rec.x, rec.h, tensors, config, num_shared, report))
+        layer_tensors, ids = _layer_tensors(layer, rec.x, rec.h, tensors, config, num_shared, report)
+        moe_tensors.update(layer_tensors)
+        routes.append(ids)
         _log(progress, f"layer {layer}: router recall {report.router_recall[-1]:.3f}, "
                        f"covered mass {report.covered_mass[-1]:.3f}")
     out.mkdir(parents=True, exist_ok=True)
@@ -218,14 +226,17 @@ def moefy(config: MoefyConfig, progress: bool = True, calibrated: Calibrated | N
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     (out / "generation_config.json").write_text(json.dumps(cal.ckpt.generation_config or {}, indent=2))
     _write_tokenizer(cal.ckpt, out)
+    _write_pregate(cal.records[0].x, routes, config, out, report)
     report.seconds = time.perf_counter() - start
     (out / "moefy.json").write_text(json.dumps({"config": asdict(config), "report": asdict(report)}, indent=2))
     return report
 
 
 def _layer_tensors(layer: int, x: torch.Tensor, h: torch.Tensor, dense: dict[str, torch.Tensor],
-                   config: MoefyConfig, num_shared: int, report: MoefyReport) -> dict[str, torch.Tensor]:
-    """One layer's Qwen2-MoE tensors: split, router, the two rescalings of the module docstring."""
+                   config: MoefyConfig, num_shared: int, report: MoefyReport
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One layer's Qwen2-MoE tensors (split, router, the two rescalings of the module docstring) and
+    the router's `[num_tokens, top_k]` choice on the calibration tokens."""
     p = f"model.layers.{layer}.mlp"
     gate, up, down = dense[f"{p}.gate_proj.weight"], dense[f"{p}.up_proj.weight"], dense[f"{p}.down_proj.weight"]
     split = split_neurons(h, gate, config.num_experts, num_shared, config.method, seed=config.seed + layer)
@@ -235,9 +246,11 @@ def _layer_tensors(layer: int, x: torch.Tensor, h: torch.Tensor, dense: dict[str
         router = torch.zeros(e, x.shape[1])
         report.router_recall.append(1.0)
         report.covered_mass.append(1.0)
+        ids = torch.arange(e).expand(x.shape[0], e)
     else:
         w = fit_router(x, target)
         logits = x @ w.T
+        ids = logits.topk(k, dim=1).indices
         spread = float((logits.max(1).values - logits.min(1).values).max().clamp(min=1e-12))
         router = w * (ROUTER_SPREAD / spread)
         report.router_recall.append(topk_recall(logits, target, k))
@@ -252,7 +265,21 @@ def _layer_tensors(layer: int, x: torch.Tensor, h: torch.Tensor, dense: dict[str
         out[f"{p}.experts.{i}.gate_proj.weight"] = gate[idx]
         out[f"{p}.experts.{i}.up_proj.weight"] = up[idx]
         out[f"{p}.experts.{i}.down_proj.weight"] = float(k) * down[:, idx]
-    return out
+    return out, ids
+
+
+def _write_pregate(x0: torch.Tensor, routes: list[torch.Tensor], config: MoefyConfig, out: Path,
+                   report: MoefyReport) -> None:
+    """Fit and save the pre-gating router; its calibration recall (top-K and top-2K) goes in the report."""
+    weight = fit_pregate(x0, routes, config.num_experts)
+    PreGate(weight, list(range(len(routes))), config.top_k).save(out)
+    scores = torch.einsum("th,leh->lte", x0, weight)
+    for m, into in ((config.top_k, report.pregate_recall), (min(2 * config.top_k, config.num_experts),
+                                                              report.pregate_recall_2k)):
+        for i, ids in enumerate(routes):
+            hit = torch.zeros(scores.shape[1], config.num_experts, dtype=torch.bool)
+            hit.scatter_(1, scores[i].topk(m, dim=1).indices, True)
+            into.append(float(hit.gather(1, ids).float().mean()))
 
 
 def _write_tokenizer(ckpt: Checkpoint, out: Path) -> None:

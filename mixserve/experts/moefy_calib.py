@@ -112,7 +112,9 @@ def forward_logits(model: nn.Module, ids: Sequence[int]) -> torch.Tensor:
     meta = AttentionMetadata(query_lens=[n], seq_lens=[n], slot_mapping=torch.arange(n), kv_slots=None,
                              q_index=None)
     with torch.no_grad():
-        return lm(torch.tensor(list(ids)), torch.arange(n), meta, kv)
+        positions = torch.arange(n)
+        hidden = lm.forward_layers(lm.embed(torch.tensor(list(ids))), positions, meta, kv, 0, len(kv))
+        return lm.head(hidden)
 
 
 @dataclass

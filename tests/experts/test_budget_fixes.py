@@ -102,3 +102,23 @@ def test_preload_is_all_in_ram_on_the_budgeted_path(olmoe_mixed_pack: Path) -> N
             small.preload()
     finally:
         small.close()
+
+
+def test_step_predictor_fetches_every_layer_at_the_first(olmoe_pack: Path) -> None:
+    class Fixed:
+        def predict_step(self, x: torch.Tensor) -> dict[int, list[int]]:
+            return {layer_idx: [0, 1] for layer_idx in store.layer_ids}
+
+    store = ExpertStore(olmoe_pack)
+    slot = BudgetedExpertProvider.slot_sizes(store, torch.float32)
+    provider = BudgetedExpertProvider(store, 4 * sum(slot.values()), torch.float32, step_predictor=Fixed())
+    try:
+        first = store.layer_ids[0]
+        _run_layer(provider, first, torch.tensor([[0, 1]]))
+        assert all(provider.caches[i].lookup(0) is not None for i in store.layer_ids)  # fetched at layer 0
+        for layer_idx in store.layer_ids[1:]:
+            _run_layer(provider, layer_idx, torch.tensor([[0, 5]]))
+        recall = provider.layer_recall()
+        assert recall[first] == 1.0 and all(recall[i] == 0.5 for i in store.layer_ids[1:])
+    finally:
+        provider.close()

@@ -15,6 +15,7 @@ import transformers
 from mixserve.experts.moefy import MoefyConfig, moefy, plan_sizes
 from mixserve.experts.moefy_calib import calibration_text, forward_logits, module_docstrings
 from mixserve.experts.moefy_split import balanced_kmeans, split_neurons
+from mixserve.experts.pregate import PreGate, fit_pregate, step_recall
 from mixserve.loading.checkpoint import load_checkpoint
 from mixserve.models.base import build_model
 from tests.experts.conftest import save_tiny, write_tokenizer
@@ -121,3 +122,23 @@ def test_default_calibration_text_is_fixed_and_disjoint_from_held_out() -> None:
     assert sum(map(len, cal.texts)) > 100_000
     held_out = module_docstrings(["csv", "heapq"])
     assert len(held_out) == 2 and not set(held_out) & set(cal.texts)
+
+
+def test_pregate_is_written_and_predicts_every_layer(dense: Path, tmp_path: Path) -> None:
+    moe = _moefy(dense, tmp_path / "moe", 8, 2, 0.25)
+    gate = PreGate.load(moe, top_m=2)
+    assert gate.layer_ids == [0, 1] and gate.weight.shape == (2, 8, 64)
+    predicted = gate.predict_step(torch.randn(3, 64))
+    assert sorted(predicted) == [0, 1] and all(1 <= len(v) <= 6 for v in predicted.values())
+    report = json.loads((moe / "moefy.json").read_text())["report"]
+    assert all(0 < r <= r2 <= 1 for r, r2 in zip(report["pregate_recall"], report["pregate_recall_2k"]))
+
+
+def test_fit_pregate_recovers_a_linear_routing() -> None:
+    torch.manual_seed(0)
+    x0, true = torch.randn(400, 16), torch.randn(3, 4, 16)
+    routes = [torch.einsum("th,eh->te", x0, true[i]).topk(1, dim=1).indices for i in range(3)]
+    gate = PreGate(fit_pregate(x0, routes, 4), [0, 1, 2], top_m=1)
+    hits = [float((gate.scores(x0)[i].argmax(1) == routes[i][:, 0]).float().mean()) for i in range(3)]
+    assert min(hits) > 0.8
+    assert step_recall({0: [1, 2]}, {0: torch.tensor([[1], [3]])}) == {0: 0.5}
