@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mixserve.edge.cli import add_parsers as add_edge_parsers
 
     add_edge_parsers(sub)
+    from mixserve.experts.moefy_cli import add_parser as add_moefy_parser
+
+    add_moefy_parser(sub)
     return parser
 
 
