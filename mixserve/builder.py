@@ -17,8 +17,8 @@ from mixserve.layers.linear import enable_int8
 from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
 from mixserve.loading.tokenizer import Tokenizer
 from mixserve.models.base import as_causal_lm, build_model
-from mixserve.structured.constraints import Constraints
 from mixserve.runner.model_runner import TorchModelRunner, kv_bytes_per_block
+from mixserve.structured.constraints import Constraints
 
 DEFAULT_MAX_MODEL_LEN = 8192
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
