@@ -18,6 +18,7 @@ from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
 from mixserve.loading.tokenizer import Tokenizer
 from mixserve.models.base import as_causal_lm, build_model
 from mixserve.runner.model_runner import TorchModelRunner, kv_bytes_per_block
+from mixserve.structured.constraints import Constraints
 
 DEFAULT_MAX_MODEL_LEN = 8192
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -100,8 +101,10 @@ def wire_engine(loaded: LoadedModel, config: EngineConfig, seed: int = 0) -> Bui
                           f"cannot hold one sequence of max_model_len={max_len}; raise kv_cache_bytes "
                           f"or lower max_model_len")
     eos = tuple(checkpoint.tokenizer.eos_token_ids)
-    runner = TorchModelRunner(lm, num_blocks, cache.block_size, dtype, eos, seed=seed)
-    info = ModelInfo(max_model_len=max_len, vocab_size=int(checkpoint.hf_config["vocab_size"]),
+    vocab_size = int(checkpoint.hf_config["vocab_size"])
+    constraints = Constraints(checkpoint.tokenizer.backend.to_str, vocab_size, eos)
+    runner = TorchModelRunner(lm, num_blocks, cache.block_size, dtype, eos, seed=seed, constraints=constraints)
+    info = ModelInfo(max_model_len=max_len, vocab_size=vocab_size,
                      eos_token_ids=eos, num_blocks=num_blocks)
     engine = Engine(config, runner, checkpoint.tokenizer, info)
     return BuiltEngine(engine, checkpoint.tokenizer, checkpoint, model, runner, loaded.load_seconds)
