@@ -17,7 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=DEFAULT_MODEL, help="known model name or path (default: %(default)s)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    g.add_argument("--weight-format", choices=["auto", "dense", "int8"], default="auto")
+    g.add_argument("--weight-format", "--quantization", choices=["auto", "dense", "none", "int8", "int4"],
+                   default="auto", help="weights: dense (= none), int8, int4; auto: the GGUF's own 4-bit/int8")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory (GiB)")
@@ -50,7 +51,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, weight_format=args.weight_format,
+        model=ModelConfig(model=args.model, dtype=args.dtype,
+                          weight_format="dense" if args.weight_format == "none" else args.weight_format,
                           max_model_len=args.max_model_len, num_threads=args.threads),
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
                           enable_prefix_caching=not args.no_prefix_caching),
