@@ -44,8 +44,11 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
             return F.linear(x, self.weight, self.bias)
-        y = self.quant.matmul(x.reshape(-1, self.in_features))
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if x.dim() == 2:  # the runner's packed `[num_tokens, in_features]`: no reshapes
+            y = self.quant.matmul(x).to(x.dtype)
+        else:
+            y = self.quant.matmul(x.reshape(-1, self.in_features)).to(x.dtype)
+            y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
