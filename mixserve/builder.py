@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from mixserve.engine.engine import Engine, ModelInfo
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.setup import build_from_pack, pack_tokenizer, prepare_pack
 from mixserve.hub import default_cache_dir, resolve_model
-from mixserve.layers.linear import enable_int8
+from mixserve.layers.linear import quantize_linears
 from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
 from mixserve.loading.tokenizer import Tokenizer
 from mixserve.models.base import as_causal_lm, build_model
@@ -45,6 +45,8 @@ class LoadedModel:
     load_seconds: float
     expert_provider: BudgetedExpertProvider | None = None
     """The budgeted expert cache when `ExpertConfig.memory_budget` is set (None: experts all resident)."""
+    quantized: dict[str, int] = field(default_factory=dict)
+    """How many Linears run each quantized format ("int4", "int8"); empty for dense weights."""
 
     def expert_stats(self) -> dict[str, float]:
         """Expert cache counters (hit rate, bytes read per token, prefetch recall, stall seconds, ...);
@@ -63,10 +65,12 @@ def load_model(config: EngineConfig, cache_dir: str | Path | None = None) -> Loa
     model.eval()
     weight_format = mc.weight_format
     if weight_format == "auto":
-        weight_format = "int8" if checkpoint.format == "gguf" else "dense"
-    if weight_format == "int8":
-        enable_int8(model)
-    return LoadedModel(checkpoint, model, dtype, weight_format, time.perf_counter() - start, provider)
+        weight_format = "native" if checkpoint.format == "gguf" else "dense"
+    counts: dict[str, int] = {}
+    if weight_format in ("native", "int8", "int4"):
+        counts = quantize_linears(model, weight_format)  # type: ignore[arg-type]
+    return LoadedModel(checkpoint, model, dtype, weight_format, time.perf_counter() - start, provider,
+                       counts)
 
 
 def _load_weights(config: EngineConfig, cache_dir: str | Path | None, dtype: torch.dtype

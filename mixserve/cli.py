@@ -15,6 +15,7 @@ from mixserve.sampling_params import SamplingParams
 _ENGINE_FLAGS = {
     "model": Flag(names=("-m",), metavar="NAME|PATH"),
     "num_threads": Flag(names=("--threads",)),
+    "weight_format": Flag(names=("--quantization",), parse=lambda text: "dense" if text == "none" else text),
     "kv_cache_bytes": Flag(parse=parse_size, metavar="SIZE"),
     "expert_memory_budget": Flag(metavar="SIZE"),
 }

@@ -80,6 +80,8 @@ def add_flags(group: argparse._ActionsContainer, cls: type, *, prefix: str = "",
         elif get_origin(tp) is Literal:
             kwargs["choices"] = list(get_args(tp))
             kwargs.pop("metavar")
+            if spec.parse is not None:  # an alias spelling, mapped onto a choice
+                kwargs["type"] = spec.parse
         elif get_origin(tp) is tuple:
             item = get_args(tp)[0]
             if spec.repeat:
