@@ -9,11 +9,13 @@ from collections.abc import Sequence
 
 from mixserve.config import SECTION_PREFIXES, SECTION_TYPES, EngineConfig
 from mixserve.flags import Flag, add_flags, parse_size, values_from
+from mixserve.mixture.cli import RepeatableModel, add_serve_args, serve_models
 from mixserve.sampling_params import SamplingParams
 
 # Flags that differ from the plain derivation (mixserve/flags.py): short and historical names, sizes.
 _ENGINE_FLAGS = {
-    "model": Flag(names=("-m",), metavar="NAME|PATH"),
+    "model": Flag(names=("-m",), metavar="NAME|PATH", action=RepeatableModel,
+                  help="serve: repeat for a pool of several models (NAME=PATH)"),
     "num_threads": Flag(names=("--threads",)),
     "weight_format": Flag(names=("--quantization",), parse=lambda text: "dense" if text == "none" else text),
     "kv_cache_bytes": Flag(parse=parse_size, metavar="SIZE"),
@@ -150,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(host=args.host, port=args.port, served_model_name=args.served_model_name,
                            shutdown_timeout_s=args.shutdown_timeout, reject_unknown_fields=args.reject_unknown_fields,
                            cache_dir=args.cache_dir, log_level=args.log_level, limits=limits)
-    return serve(config, options)
+    pooled = serve_models(args, options)
+    return serve(config, options) if pooled is None else pooled
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -221,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_args(srv)
     _add_model_args(srv)
     srv.set_defaults(max_num_waiting=256)  # a server answers 429 rather than queue without bound
+    add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
     models = sub.add_parser("models", help="list known models")
     models.add_argument("--cache-dir", default=None)
@@ -255,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mixserve.experts.moefy_cli import add_parser as add_moefy_parser
 
     add_moefy_parser(sub)
+    from mixserve.mixture.cli import add_parser as add_mixture_parser
+
+    add_mixture_parser(sub)
     return parser
 
 

@@ -32,6 +32,10 @@ class Flag:
     metavar: str | None = None
     override_default: bool = False
     """Use `default` instead of the dataclass default (say why where the flag is declared)."""
+    action: type[argparse.Action] | None = None
+    """A custom argparse action (e.g. a flag that may repeat on one command and not on another)."""
+    help: str = ""
+    """Appended to the field's docstring."""
 
 
 def flag_name(prefix: str, name: str) -> str:
@@ -72,7 +76,7 @@ def add_flags(group: argparse._ActionsContainer, cls: type, *, prefix: str = "",
         default = spec.default if spec.override_default else \
             f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
         tp = _unwrap_optional(hints[name])
-        help_text = docs.get(name, "").replace("%", "%%")
+        help_text = (docs.get(name, "") + (" " + spec.help if spec.help else "")).replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": dest, "default": default, "metavar": spec.metavar}
         if tp is bool:
             kwargs.pop("metavar")
@@ -92,6 +96,8 @@ def add_flags(group: argparse._ActionsContainer, cls: type, *, prefix: str = "",
                 help_text += " (comma-separated)"
         else:
             kwargs["type"] = spec.parse or tp
+        if spec.action is not None:
+            kwargs["action"] = spec.action
         if isinstance(default, tuple) and not spec.repeat:
             kwargs["default"] = default = ",".join(map(str, default))
         shown = default

@@ -90,17 +90,21 @@ class LLM:
         return request_id
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion, batched; outputs in prompt order."""
-        params = params or SamplingParams()
+        """Run every prompt to completion, batched; outputs in prompt order. `params` is one
+        `SamplingParams` for all prompts or one per prompt (as in vLLM)."""
         batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
+        per_prompt = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"params: got {len(per_prompt)} SamplingParams for {len(batch)} prompts")
         bar = tqdm(total=len(batch), desc="generate", disable=not use_tqdm)
         collector = _Collector(bar)
         ids: list[str] = []
         try:
-            for p in batch:
-                ids.append(self._add(p, params, collector))  # type: ignore[arg-type]
+            for p, sp in zip(batch, per_prompt):
+                ids.append(self._add(p, sp, collector))  # type: ignore[arg-type]
             run_until(self.dispatcher, lambda: collector.num_finished == len(ids), "generate")
         finally:
             for rid in ids:

@@ -23,7 +23,7 @@ from mixserve.server.protocol import (
     TokenizeRequest,
     _Body,
 )
-from mixserve.server.serving import ServerState
+from mixserve.server.serving import RunStreamingResponse, ServerState
 from mixserve.server.tokenization import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("mixserve.server")
@@ -63,6 +63,22 @@ def _validation_error(exc: ValidationError) -> ApiError:
     return ApiError(400, f"invalid field {name}: {first['msg']} (got {shown})", param=name)
 
 
+async def _route(state: ServerState, body: Any) -> tuple[ServerState, Callable[[], None]]:
+    """The state that serves `body.model` (pinned until `release()` on a multi-model server)."""
+    if state.router is None:
+        _check_model(state, body)
+        return state, lambda: None
+    return await state.router.route(getattr(body, "model", None))  # type: ignore[no-any-return]
+
+
+def _release_after(response: Any, release: Callable[[], None]) -> None:
+    """Release now, or when a streamed response ends."""
+    if isinstance(response, RunStreamingResponse):
+        response.on_close.append(release)
+    else:
+        release()
+
+
 def _check_model(state: ServerState, body: Any) -> None:
     name = getattr(body, "model", None)
     if name is not None and name not in (state.model_name, state.model_path):
@@ -94,8 +110,13 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
                            handler: Callable[[ServerState, B, Request], Awaitable[Any]]) -> Any:
         async def run() -> Any:
             body = await parse_body(request, model, state)
-            _check_model(state, body)
-            response = await handler(state, body, request)
+            target, release = await _route(state, body)
+            try:
+                response = await handler(target, body, request)
+            except BaseException:
+                release()
+                raise
+            _release_after(response, release)
             if body.unknown_fields and isinstance(response, Response):
                 response.headers["x-mixserve-ignored-fields"] = header_value(body.unknown_fields)
             return response
@@ -111,6 +132,8 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Any:
+        if state.router is not None:
+            return {"object": "list", "data": state.router.models(state.created)}
         max_len = state.limits.max_model_len if state.limits else None
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": state.created, "owned_by": "mixserve",
@@ -120,7 +143,8 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
     @app.get("/health")
     async def health() -> Any:
         async def run() -> Any:
-            state.ready()
+            if state.router is None:
+                state.ready()
             return {"status": "ok"}
         return await guarded(run)
 
@@ -130,6 +154,8 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if state.render_metrics is not None:
+            return Response(state.render_metrics(), media_type="text/plain; version=0.0.4")
         if state.metrics is None:
             return Response(b"", media_type="text/plain")
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -138,22 +164,54 @@ def build_app(state: ServerState, lifespan: Any = None) -> FastAPI:
     async def tokenize_route(request: Request) -> Any:
         async def run() -> Any:
             body = await parse_body(request, TokenizeRequest, state)
-            _check_model(state, body)
-            return await big_json(await tokenize(state, body))
+            target, release = await _route(state, body)
+            try:
+                return await big_json(await tokenize(target, body))
+            finally:
+                release()
         return await guarded(run)
 
     @app.post("/detokenize")
     async def detokenize_route(request: Request) -> Any:
         async def run() -> Any:
             body = await parse_body(request, DetokenizeRequest, state)
-            _check_model(state, body)
-            return await big_json(await detokenize(state, body))
+            target, release = await _route(state, body)
+            try:
+                return await big_json(await detokenize(target, body))
+            finally:
+                release()
         return await guarded(run)
 
-    @app.get("/tokenizer_info")
-    async def tokenizer_info_route() -> Any:
+    async def manage(request: Request, action: str) -> Any:
         async def run() -> Any:
-            return tokenizer_info(state)
+            if state.router is None:
+                raise ApiError(404, "this server serves one model; start it with several to load/unload models")
+            raw = await read_body(request, state.request_limits)
+            data = decode_json(raw, state.request_limits) if raw else {}
+            name = data.get("model") if isinstance(data, dict) else None
+            if not isinstance(name, str):
+                raise ApiError(400, "missing required field model", param="model")
+            return await (state.router.load(name) if action == "load" else state.router.unload(name))
+        return await guarded(run)
+
+    @app.post("/v1/models/load")
+    async def load_model_route(request: Request) -> Any:
+        return await manage(request, "load")
+
+    @app.post("/v1/models/unload")
+    async def unload_model_route(request: Request) -> Any:
+        return await manage(request, "unload")
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: Request) -> Any:
+        async def run() -> Any:
+            if state.router is None:
+                return tokenizer_info(state)
+            target, release = await state.router.route(request.query_params.get("model"))
+            try:
+                return tokenizer_info(target)
+            finally:
+                release()
         return await guarded(run)
 
     return app

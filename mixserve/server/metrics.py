@@ -7,6 +7,7 @@ server has its own registry (no global state).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -77,6 +78,14 @@ class ServerMetrics:
     stats: Callable[[], dict[str, float]]
     extra: Callable[[], dict[str, float]] = lambda: {}
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    engine_collector: bool = True
+    """Register the engine gauges/counters for `stats` (a multi-model server collects them per model itself)."""
+
+    def view(self, model_name: str) -> ServerMetrics:
+        """The same metrics (shared registry and series) observed under another `model_name` label."""
+        other = copy.copy(self)
+        other.model_name = model_name
+        return other
 
     def __post_init__(self) -> None:
         r, labels = self.registry, ["model_name"]
@@ -94,7 +103,8 @@ class ServerMetrics:
                                labels + ["finished_reason"], registry=r)
         self.http_errors = Counter(PREFIX + "request_errors", "Requests answered with an error, by status.",
                                    labels + ["status"], registry=r)
-        r.register(_EngineCollector(self.model_name, self.stats, self.extra))
+        if self.engine_collector:
+            r.register(_EngineCollector(self.model_name, self.stats, self.extra))
 
     def start(self) -> _Timing:
         return _Timing(arrival=time.monotonic())

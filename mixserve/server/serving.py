@@ -44,6 +44,11 @@ class ServerState:
     request_limits: RequestLimits = field(default_factory=RequestLimits)
     scaling: Any = None
     """Optional hook `(state, body, prompt, params) -> awaitable response dict` for strategy requests."""
+    router: Any = None
+    """Multi-model servers: a `mixserve.mixture.server.PoolRouter` (request `model` -> a pinned per-model
+    state); None: this state serves its one model."""
+    render_metrics: Callable[[], bytes] | None = None
+    """Multi-model servers: renders /metrics for every model and the pool."""
 
     def ready(self) -> AsyncEngine:
         if self.load_error is not None:
@@ -203,12 +208,16 @@ class RunStreamingResponse(StreamingResponse):
     def __init__(self, run: Run, content: AsyncIterator[str]) -> None:
         super().__init__(content, media_type="text/event-stream")
         self.run = run
+        self.on_close: list[Callable[[], None]] = []
+        """Called once the response ended, however (a multi-model server unpins the model here)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.run.close()
+            for callback in self.on_close:
+                callback()
 
 
 def sse(payload: dict[str, Any]) -> str:

@@ -1,0 +1,155 @@
+"""Mixture of whole expert models on a mixed-skill set: each single model, random-k, majority across
+models, Symbolic-MoE recruitment + aggregator, Mixture-of-Agents; and model loads / wall time of grouped
+vs per-question scheduling under a pool budget that holds one model at a time.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_mixture.py --per-task 3 --max-tokens 48
+
+Writes benchmarks/results/mixture_<stamp>.json (+ .png) and prints the tables. Every stage is saved as it
+finishes, so a long run that is stopped keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mixserve.mixture.build import llm_expert_factory, parse_budget, real_pool
+from mixserve.mixture.grading import TaskGrader, mixed_problems, questions_from
+from mixserve.mixture.models import ModelSpec
+from mixserve.mixture.pipeline import Mixture, MixtureConfig
+from mixserve.mixture.profile import profile_models
+from mixserve.mixture.recruit import RecruitConfig
+from mixserve.mixture.schedule import Job, run_grouped, run_per_question
+from mixserve.mixture.skills import KeywordMapper, MiniLMEmbedder, SkillConfig
+from mixserve.sampling_params import SamplingParams
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--tasks", default="arithmetic,sorting,gcd")
+    ap.add_argument("--per-task", type=int, default=3, help="test questions per task (validation: the same)")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--keyword-samples", type=int, default=3)
+    ap.add_argument("--pool-memory-budget", default="4GiB")
+    ap.add_argument("--switch-budget", default="1800MB", help="budget of the scheduling comparison (one model at a time)")
+    ap.add_argument("--switch-max-tokens", type=int, default=4)
+    ap.add_argument("--methods", default="single,random,majority,symbolic,moa")
+    args = ap.parse_args()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out: dict[str, Any] = {"args": vars(args), "note": "measured while other work shared the machine"}
+    path = RESULTS / f"mixture_{stamp}.json"
+    RESULTS.mkdir(exist_ok=True)
+
+    def save() -> None:
+        path.write_text(json.dumps(out, indent=1))
+
+    specs = [ModelSpec(name=m, model=m) for m in args.models.split(",")]
+    tasks = args.tasks.split(",")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.7)
+    expert_of = llm_expert_factory(params)
+    grader = TaskGrader()
+    skills = SkillConfig(num_samples=args.keyword_samples)
+    pool, _ = real_pool(specs, parse_budget(args.pool_memory_budget))
+    val = questions_from(mixed_problems(tasks, args.per_task, seed=1000, difficulty=1))
+    test = questions_from(mixed_problems(tasks, args.per_task, seed=0, difficulty=1))
+    t0 = time.perf_counter()
+    profiles, keywords, prof_report = profile_models(pool, expert_of, val, grader, skills, specs[0].name)
+    out["profile"] = {"seconds": time.perf_counter() - t0, "profiles": profiles.to_json(),
+                      "keywords": keywords, "report": prof_report.as_dict()}
+    save()
+    mapper = KeywordMapper(profiles.vocabulary(), MiniLMEmbedder()) if profiles.vocabulary() else None
+    mixture = Mixture(pool, expert_of, profiles, grader, MixtureConfig(recruit=RecruitConfig(k=3)), skills,
+                      mapper, annotator=specs[0].name)
+    rows = []
+    methods = args.methods.split(",")
+    for method in methods:
+        singles = [s.name for s in specs] if method == "single" else [None]
+        for single in singles:
+            m = replace(mixture.config, single=single) if single else mixture.config
+            runner = Mixture(pool, expert_of, profiles, grader, m, skills, mapper, annotator=specs[0].name)
+            if method == "symbolic" and mapper is None:
+                continue
+            run = runner.run(test, method)
+            name = f"single:{single}" if single else method
+            rows.append({"method": name, "accuracy": run.accuracy, "wall_s": run.report.wall_seconds,
+                         "loads": run.report.loads, "stages": {k: v.as_dict() for k, v in run.stages.items()},
+                         "recruited": [r.recruited for r in run.results],
+                         "answers": [r.answer for r in run.results]})
+            out["methods"] = rows
+            save()
+            print(f"{name:<24} acc {run.accuracy:.3f}  wall {run.report.wall_seconds:7.1f}s  "
+                  f"loads {run.report.loads}", flush=True)
+            if method == "symbolic":
+                out["scheduling"] = compare_scheduling(specs, run, args)
+                save()
+    pool.close()
+    print_tables(out)
+    plot(out, path.with_suffix(".png"))
+    print(f"-> {path}")
+
+
+def compare_scheduling(specs: list[ModelSpec], run: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The symbolic run's expert jobs again, grouped vs in question order, in a pool that holds one model."""
+    expert_of = llm_expert_factory(SamplingParams(max_tokens=args.switch_max_tokens, temperature=0.7))
+    result = {}
+    for name, schedule in (("grouped", run_grouped), ("per-question", run_per_question)):
+        pool, _ = real_pool(specs, parse_budget(args.switch_budget))
+        jobs = [Job((i, s), m, replace(r_req, seed=s)) for i, r in enumerate(run.results)
+                for s, m in enumerate(r.recruited) for r_req in [_request(r)]]
+        _, report = schedule(jobs, pool, expert_of)
+        pool.close()
+        result[name] = report.as_dict()
+        print(f"scheduling {name:<13} loads {report.loads:3d} switches {report.switches:3d} "
+              f"MiB {report.bytes_loaded / 2**20:7.0f} wall {report.wall_seconds:7.1f}s", flush=True)
+    result["speedup"] = result["per-question"]["wall_seconds"] / max(result["grouped"]["wall_seconds"], 1e-9)
+    return result
+
+
+def _request(result: Any) -> Any:
+    from mixserve.mixture.experts import ExpertRequest
+
+    return ExpertRequest(result.question, result.question.text, "solve")
+
+
+def print_tables(out: dict[str, Any]) -> None:
+    print(f"\n{'method':<24} {'accuracy':>8} {'wall s':>8} {'loads':>6}")
+    for r in out.get("methods", []):
+        print(f"{r['method']:<24} {r['accuracy']:>8.3f} {r['wall_s']:>8.1f} {r['loads']:>6}")
+    s = out.get("scheduling")
+    if s:
+        print(f"\n{'scheduling':<14} {'loads':>6} {'switches':>8} {'MiB loaded':>10} {'wall s':>8}")
+        for k in ("grouped", "per-question"):
+            print(f"{k:<14} {s[k]['loads']:>6} {s[k]['switches']:>8} {s[k]['bytes_loaded'] / 2**20:>10.0f} "
+                  f"{s[k]['wall_seconds']:>8.1f}")
+        print(f"grouped speedup: {s['speedup']:.2f}x")
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = out.get("methods", [])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar([r["method"] for r in rows], [r["accuracy"] for r in rows])
+    axes[0].set_ylabel("accuracy")
+    axes[1].bar([r["method"] for r in rows], [r["wall_s"] for r in rows])
+    axes[1].set_ylabel("wall s")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
