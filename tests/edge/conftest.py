@@ -27,6 +27,11 @@ CONFIGS: dict[str, Any] = {
     "llama": lambda: transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.15, tie_word_embeddings=False),
+    # Sliding-window layers (window < prompt), final softcap, different RoPE per layer type.
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=5, final_logit_softcapping=3.0, initializer_range=0.15,
+        layer_types=["sliding_attention", "full_attention"] * 2, tie_word_embeddings=False),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
         vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         num_hidden_layers=NUM_LAYERS, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
