@@ -283,7 +283,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     edge = next(r for r in rows if r["mode"] == "edge-only")
     axes[1].axhline(edge["latency_ms_per_token"], ls=":", c="k", label="edge-only")
     axes[1].set(xlabel="exit threshold τ", ylabel="ms per token", title="latency per token (rtt ms:Mbit/s)")
-    axes[1].legend(fontsize=6, ncol=2)
+    axes[1].legend(fontsize=6, ncol=2, loc="upper left")
     ce_all = [r for r in rows if r["mode"] == "ce-collm" and r["network"] == nets[0]]
     axes[2].plot([r["tau"] for r in ce_all], [r["cloud_work_vs_cloud"] for r in ce_all], "k^--",
                  label="layer-positions (exact)")

@@ -171,12 +171,13 @@ def fit_prompts(tokenizer: Any, num_per_task: int, seed: int = 1000) -> list[lis
 
 
 def fit_exit(model: str, split_layer: int, num_per_task: int = 2, config: FitConfig | None = None,
-             out: str | Path | None = None, **load_kw: Any) -> tuple[Path, ExitAdapter]:
+             out: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
+             **load_kw: Any) -> tuple[Path, ExitAdapter]:
     """Fit an exit adapter for layer `split_layer` of `model` and save it beside the model."""
     loaded = load(model, **load_kw)
     prompts = fit_prompts(loaded.checkpoint.tokenizer, num_per_task)
     adapter = fit_exit_adapter(as_causal_lm(loaded.model), loaded.checkpoint.hf_config, split_layer, prompts,
-                               config or FitConfig())
+                               config or FitConfig(), progress)
     path = Path(out) if out is not None else default_path(loaded.checkpoint.path, split_layer)
     adapter.save(path)
     return path, adapter

@@ -73,7 +73,8 @@ def cmd_fit_exit(args: argparse.Namespace) -> int:
     config = FitConfig(max_tokens=args.fit_tokens, ridge=args.fit_ridge)
     start = time.perf_counter()
     path, adapter = fit_exit(args.model, args.split_layer, args.fit_prompts_per_task, config, args.out,
-                             **_load_kw(args))
+                             lambda i, n: print(f"[mixserve edge] fit-exit: sequence {i}/{n}", file=sys.stderr,
+                                                flush=True), **_load_kw(args))
     meta = adapter.meta
     print(f"[mixserve edge] exit adapter for layer {args.split_layer} written to {path} in "
           f"{time.perf_counter() - start:.0f}s: agreement with the full model on "

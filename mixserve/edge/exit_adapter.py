@@ -13,6 +13,7 @@ saved with the adapter.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,8 @@ class ExitAdapter:
 
 
 @torch.inference_mode()
-def collect(model: CausalLM, prompts: list[list[int]], split_layer: int, config: FitConfig
-            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def collect(model: CausalLM, prompts: list[list[int]], split_layer: int, config: FitConfig,
+            progress: Callable[[int, int], None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence: layer-K inputs and last-layer outputs `[positions, hidden_size]` while the whole model
     samples `max_tokens` after the prompt."""
     num_layers = model.kv_cache_spec().end
@@ -101,6 +102,8 @@ def collect(model: CausalLM, prompts: list[list[int]], split_layer: int, config:
             probs = torch.softmax(model.head(y[-1:])[0] / config.temperature, -1)
             ids = [int(torch.multinomial(probs, 1, generator=gen))]
         out.append((torch.cat(xs), torch.cat(ys)))
+        if progress is not None:
+            progress(len(out), len(prompts))
     return out
 
 
@@ -115,9 +118,9 @@ def agreement(model: CausalLM, head: Any, xs: torch.Tensor, ys: torch.Tensor) ->
 
 
 def fit_exit_adapter(model: CausalLM, hf_config: dict[str, Any], split_layer: int, prompts: list[list[int]],
-                     config: FitConfig) -> ExitAdapter:
+                     config: FitConfig, progress: Callable[[int, int], None] | None = None) -> ExitAdapter:
     """Collect positions, fit `W, b` by ridge regression, and measure both heads on held-out sequences."""
-    seqs = collect(model, prompts, split_layer, config)
+    seqs = collect(model, prompts, split_layer, config, progress)
     num_test = max(1, int(len(seqs) * config.holdout))
     train, test = seqs[num_test:], seqs[:num_test]
     if not train:

@@ -89,11 +89,18 @@ class CloudSession:
                 self.link.drop()
 
     def _send_from(self, start: int) -> None:
-        rows = torch.cat(self.history)[start:] if start < self.num_positions else None
-        for i in range(0, 0 if rows is None else rows.shape[0], _RESEND_CHUNK):
-            chunk = rows[i:i + _RESEND_CHUNK]  # type: ignore[index]
-            self._send(Frame(FrameKind.UPLOAD, self.sid, self.key, start + i, chunk.shape[0], self.config.codec,
-                             encode_hidden(chunk, self.config.codec)))
+        """Upload positions `[start, num_positions)` in frames of at most `_RESEND_CHUNK` positions."""
+        offset, parts = self.num_positions, []
+        for chunk in reversed(self.history):  # usually just the newest chunk
+            if offset <= start:
+                break
+            offset -= chunk.shape[0]
+            parts.append(chunk)
+        rows = torch.cat(parts[::-1])[start - offset:] if parts else torch.empty(0)
+        for i in range(0, rows.shape[0], _RESEND_CHUNK):
+            part = rows[i:i + _RESEND_CHUNK]
+            self._send(Frame(FrameKind.UPLOAD, self.sid, self.key, start + i, part.shape[0], self.config.codec,
+                             encode_hidden(part, self.config.codec)))
         self.num_sent = self.num_positions
 
     def _send(self, frame: Frame) -> None:

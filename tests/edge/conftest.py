@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tokenizers
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -19,7 +20,6 @@ from mixserve.edge.edge import EdgeRunner
 from mixserve.edge.frames import model_key
 from mixserve.edge.link import LinkError, LocalLink
 from mixserve.models.base import build_model
-from tests.experts.conftest import write_tokenizer
 
 NUM_LAYERS = 4
 PROMPT = [5, 17, 99, 3, 250, 42, 42, 7, 128, 64, 1]
@@ -27,11 +27,25 @@ CONFIGS: dict[str, Any] = {
     "llama": lambda: transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.15, tie_word_embeddings=False),
+    # Sliding-window layers (window < prompt), final softcap, different RoPE per layer type.
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=5, final_logit_softcapping=3.0, initializer_range=0.15,
+        layer_types=["sliding_attention", "full_attention"] * 2, tie_word_embeddings=False),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
         vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         num_hidden_layers=NUM_LAYERS, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
         num_experts_per_tok=2, initializer_range=0.15),
 }
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer `t0 .. t{n-1}` (eos `t2`) so the CLI and `EdgeLLM` can load the folder."""
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t1"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t2", "unk_token": "t1"}))
 
 
 @dataclass

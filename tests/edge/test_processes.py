@@ -71,7 +71,7 @@ def run_edge(llama: Split, url: str, tau: float) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "mixserve", "edge", prompt, "--model", str(llama.path), "--split-layer", "2",
          "--cloud", url, "--exit-threshold", str(tau), "--codec", "fp32", "--max-tokens", "10", "--ignore-eos",
-         "--json", "--threads", "1"],
+         "--json", "--threads", "1", "--cloud-timeout", "60"],
         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=TIME_LIMIT_S, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["prompt_token_ids"] == PROMPT
