@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/bench_moe.py --quick        # small model (4 layers, hidden 256): a minute
     .venv/bin/python benchmarks/bench_moe.py                # OLMoE shape: 16 layers, 64 experts, top-8, bf16
+    .venv/bin/python benchmarks/bench_moe.py --model DIR    # a real MoE folder (e.g. `mixserve moefy` output)
+
+With --model, the experts are packed as bf16, the routing is the model's own ("real" trace) on real
+text: the prompt is held-out standard-library docstrings (moefy_calib.HELD_OUT_MODULES), and the ram run
+also records the routing of a different planning text, from which (e) plans its per-layer capacity.
 
 On a random-initialised OLMoE-shaped model (built once, layer by layer, into --work-dir, then packed),
 at budgets of 10/25/50/100% of expert bytes, for routing from a synthetic Zipf trace (skew, temporal
@@ -38,24 +43,27 @@ from moe_report import print_report, save_plot, targets  # noqa: E402
 
 from mixserve.experts.budgeted import BudgetedExpertProvider  # noqa: E402
 from mixserve.experts.cache import plan_capacity  # noqa: E402
-from mixserve.experts.pack import write_pack  # noqa: E402
+from mixserve.experts.moefy_calib import HELD_OUT_MODULES, module_docstrings  # noqa: E402
+from mixserve.experts.pack import dtype_plan, write_pack  # noqa: E402
 from mixserve.experts.simulate import compare_policies  # noqa: E402
 from mixserve.experts.store import ExpertStore  # noqa: E402
 from mixserve.experts.synthetic import SyntheticRouting, SyntheticRoutingConfig  # noqa: E402
+from mixserve.loading.tokenizer import load_tokenizer  # noqa: E402
 
 QUICK = MoeShape(num_hidden_layers=4, hidden_size=256, intermediate_size=128, num_experts=64,
                  num_experts_per_tok=8, num_attention_heads=4, vocab_size=1024)
-MODES = ("ram", "mmap", "ondemand", "lru", "ours")
+MODES = ("ram", "mmap", "ondemand", "lru", "lookahead", "ours")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small model and short runs (checks the benchmark)")
+    p.add_argument("--model", type=Path, default=None, help="benchmark this MoE HF folder instead")
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoint + pack (default benchmarks/work/moe_*)")
     p.add_argument("--num-layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--budgets", default=None, help="fractions of expert bytes (default 0.1,0.25,0.5,1.0; "
                                                     "--quick: 0.25,0.5)")
-    p.add_argument("--traces", default="zipf,real")
+    p.add_argument("--traces", default=None, help="zipf,real (default; --model: real)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prefill-tokens", type=int, default=None)
     p.add_argument("--decode-tokens", type=int, default=None)
@@ -74,7 +82,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def prepare_model(args: argparse.Namespace) -> tuple[MoeShape, Path, Path]:
+    """A given MoE folder: its shape and a bf16 pack of it in the work dir."""
+    cfg = json.loads((args.model / "config.json").read_text())
+    shape = MoeShape(num_hidden_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
+                     intermediate_size=cfg.get("moe_intermediate_size", cfg["intermediate_size"]),
+                     num_experts=cfg["num_experts"], num_experts_per_tok=cfg["num_experts_per_tok"],
+                     num_attention_heads=cfg["num_attention_heads"], vocab_size=cfg["vocab_size"])
+    work = args.work_dir or HERE / "work" / f"moe_{args.model.name}"
+    pack = work / "pack"
+    if not (pack / "experts.json").is_file():
+        write_pack(args.model, pack, choose=dtype_plan("bfloat16"), overwrite=True)
+    return shape, args.model, pack
+
+
+def text_prompts(model: Path, n: int) -> tuple[list[int], list[int]]:
+    """(measured prompt, planning prompt): two disjoint runs of `n` held-out text tokens."""
+    tok = load_tokenizer(model)
+    ids = [t for text in module_docstrings(HELD_OUT_MODULES) for t in tok.encode(text)]
+    return ids[:n], ids[n:2 * n]
+
+
 def prepare(args: argparse.Namespace) -> tuple[MoeShape, Path, Path]:
+    if args.model is not None:
+        return prepare_model(args)
     shape = QUICK if args.quick else MoeShape()
     if args.num_layers:
         shape = MoeShape(**{**shape.__dict__, "num_hidden_layers": args.num_layers})
@@ -132,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     store = ExpertStore(pack, verify_checksums=False)
     expert_bytes = store.total_nbytes()
     dense_bytes = (pack / "model.safetensors").stat().st_size
+    traces = (args.traces or ("real" if args.model else "zipf,real")).split(",")
     budgets = [float(b) for b in (args.budgets or ("0.25,0.5" if args.quick else "0.1,0.25,0.5,1.0")).split(",")]
     overhead = (args.overhead_mib or (384 if args.quick else 1024)) << 20
     base = dict(checkpoint=str(checkpoint), pack=str(pack), threads=args.threads, io_threads=args.io_threads,
@@ -140,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                 zipf_alpha=args.zipf_alpha, stickiness=args.stickiness, affinity=args.affinity, seed=0)
     slot = BudgetedExpertProvider.slot_sizes(store, __import__("torch").bfloat16)
     total_slots = sum(slot.values()) * shape.num_experts
+    if args.model is not None:
+        prompt, plan = text_prompts(args.model, base["prefill_tokens"])  # type: ignore[arg-type]
+        base.update(prompt_ids=prompt, plan_prompt_ids=plan, plan_trace=str(pack.parent / "plan_trace.npz"))
     modes = args.modes.split(",")
     rows = []
-    for trace in args.traces.split(","):
+    for trace in traces:
         if "ram" in modes:
             rows.append(run_one({**base, "mode": "ram", "trace": trace, "budget": 1.0, "budget_bytes": total_slots},
                                 None, [checkpoint, pack], args.timeout_s))
@@ -156,11 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows[-1]), file=sys.stderr)
     sim = simulate_policies(args, shape, store, budgets)
     meta = {"shape": shape.__dict__, "expert_bytes": expert_bytes, "dense_bytes": dense_bytes,
-            "overhead_bytes": overhead, **{k: v for k, v in base.items() if k not in ("checkpoint", "pack")}}
-    result = {"meta": meta, "rows": rows, "policy_simulation": sim, "targets": targets(rows)}
+            "overhead_bytes": overhead, "model": str(args.model) if args.model else None,
+            **{k: v for k, v in base.items() if k not in ("checkpoint", "pack", "prompt_ids", "plan_prompt_ids")}}
+    result = {"meta": meta, "rows": rows, "policy_simulation": sim,
+              "targets": targets(rows, "real" if args.model else "zipf")}
     print_report(result)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = HERE / "results" / f"moe_{'quick' if args.quick else 'full'}_{stamp}"
+    kind = args.model.name if args.model else ("quick" if args.quick else "full")
+    out = HERE / "results" / f"moe_{kind}_{stamp}"
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=lambda x: None))
     save_plot(result, out.with_suffix(".png"))

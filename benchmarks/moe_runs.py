@@ -1,13 +1,20 @@
 """One benchmark run of the MoE budget benchmark, in its own (possibly memory-limited) process.
 
-`run(spec)` builds the OLMoE-shaped model with the expert provider of `spec["mode"]`:
-  ram       every expert resident (bf16 stacks filled from the pack)
+`run(spec)` builds the MoE model (the OLMoE-shaped random one, or `--model`, e.g. a moefied one) with
+the expert provider of `spec["mode"]`:
+  ram       every expert resident: the same BudgetedExpertProvider at 100%, all experts read up front
+            (one code path with the budgeted modes, so (a) is their honest ceiling)
   mmap      zero-copy views of the mmap'd checkpoint (page cache only)
   ondemand  read on every use, nothing kept, no prediction
   lru       BudgetedExpertProvider, LRU, no prediction
-  ours      BudgetedExpertProvider, LFRU + next-layer prefetch (router on real routing, affinity on
-            synthetic routing, where the router cannot see the replayed choice)
-then prefills `prefill_tokens` random ids in one forward pass and decodes greedily, timing both.
+  lookahead as ours, with the layer-ahead router lookahead even where a pre-gate exists (comparison)
+  ours      BudgetedExpertProvider, LFRU + prefetch from the pre-gating router when the model has one
+            (`pregate.safetensors`, written by moefy: all layers at once), else next-layer prefetch
+            (router on real routing, affinity on synthetic routing, where the router cannot see the
+            replayed choice); per-layer capacity planned from the routing trace the ram run recorded
+            on a different (planning) prompt (ours and lookahead)
+then prefills `prefill_tokens` ids (`spec["prompt_ids"]`: real text; else random ids) in one forward
+pass and decodes greedily, timing both.
 With `trace == "zipf"` routing comes from `SyntheticRouting` (same seed in every run: identical
 routes across modes) through the replay seam. Returns one JSON-able dict.
 """
@@ -23,11 +30,13 @@ import torch
 from moe_baselines import MmapExpertProvider, OnDemandProvider
 
 from mixserve.experts.budgeted import BudgetedExpertProvider
+from mixserve.experts.capacity import plan_capacity_from_trace
 from mixserve.experts.predict import AffinityPredictor, RouterLookahead
-from mixserve.experts.provider import InMemoryExpertProvider
-from mixserve.experts.setup import fill_in_memory, moe_routers
+from mixserve.experts.pregate import PREGATE_FILE, PreGate
+from mixserve.experts.setup import moe_routers, total_expert_nbytes
 from mixserve.experts.store import ExpertStore
 from mixserve.experts.synthetic import SyntheticRouting, SyntheticRoutingConfig
+from mixserve.experts.trace import RoutingTrace
 from mixserve.layers.attention import AttentionMetadata, KVCache
 from mixserve.layers.moe import set_route_source
 from mixserve.loading.checkpoint import open_weights
@@ -47,16 +56,21 @@ def _disk_read_bytes() -> int:
 def _provider(spec: dict[str, Any], store: ExpertStore) -> Any:
     mode = spec["mode"]
     if mode == "ram":
-        mem = InMemoryExpertProvider(store.layer_ids, store.num_experts, store.hidden_size,
-                                     store.intermediate_size).to(DTYPE)
-        fill_in_memory(mem, store, DTYPE)
-        return mem  # set as the provider: held, not a parameter; load_weights expects no experts
+        ram = BudgetedExpertProvider(store, total_expert_nbytes(store, DTYPE), DTYPE, policy="lru",
+                                     io_threads=spec["io_threads"])
+        ram.preload()
+        return ram
     if mode == "mmap":
         return MmapExpertProvider(Path(spec["checkpoint"]))
     if mode == "ondemand":
         return OnDemandProvider(store, spec["budget_bytes"], DTYPE, spec["io_threads"])
-    return BudgetedExpertProvider(store, spec["budget_bytes"], DTYPE, policy="lru" if mode == "lru" else "lfru",
-                                  io_threads=spec["io_threads"])
+    capacity = None
+    if mode in ("ours", "lookahead") and spec.get("plan_trace") and Path(spec["plan_trace"]).is_file():
+        slot = BudgetedExpertProvider.slot_sizes(store, DTYPE)
+        capacity = plan_capacity_from_trace(RoutingTrace.load(spec["plan_trace"]), store.layer_ids,
+                                            store.num_experts, slot, spec["budget_bytes"])
+    return BudgetedExpertProvider(store, spec["budget_bytes"], DTYPE, policy="lru" if mode == "lru" else "lfru",  # noqa: E501
+                                  io_threads=spec["io_threads"], capacity=capacity)
 
 
 def _build(spec: dict[str, Any]) -> tuple[Any, Any, ExpertStore]:
@@ -69,10 +83,14 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any, ExpertStore]:
     model.set_expert_provider(provider)
     model = model.to(DTYPE)
     model.load_weights((n, t.to(DTYPE)) for n, t in source.iter_tensors())
-    if spec["mode"] == "ours" and isinstance(provider, BudgetedExpertProvider):
+    if spec["mode"] in ("ours", "lookahead") and isinstance(provider, BudgetedExpertProvider):
         top_k = int(cfg["num_experts_per_tok"])
-        provider.predictor = (AffinityPredictor(store.layer_ids, store.num_experts, top_k)
-                              if spec["trace"] == "zipf" else RouterLookahead(moe_routers(model), top_k))
+        pregate = Path(spec["checkpoint"]) / PREGATE_FILE
+        if spec["mode"] == "ours" and spec["trace"] == "real" and pregate.is_file():
+            provider.step_predictor = PreGate.load(pregate.parent, top_k)
+        else:
+            provider.predictor = (AffinityPredictor(store.layer_ids, store.num_experts, top_k)
+                                  if spec["trace"] == "zipf" else RouterLookahead(moe_routers(model), top_k))
     if spec["trace"] == "zipf":
         set_route_source(model, SyntheticRouting(SyntheticRoutingConfig(
             tuple(store.layer_ids), store.num_experts, int(cfg["num_experts_per_tok"]),
@@ -117,6 +135,20 @@ def _phase(provider: Any, tokens: int, seconds: float, disk0: int) -> dict[str, 
     return out
 
 
+def _record_plan_trace(model: Any, spec: dict[str, Any]) -> None:
+    """Routing of the planning prompt (prefill + `plan_decode_tokens` greedy steps), saved for `ours`."""
+    trace = RoutingTrace()
+    model.set_routing_observer(trace)
+    ids = list(spec["plan_prompt_ids"])
+    n = spec.get("plan_decode_tokens", 32)
+    kv = allocate_kv_caches(model.kv_cache_spec(), len(ids) + n + 1, 1, DTYPE)
+    token = _forward(model, kv, ids, 0)
+    for pos in range(len(ids), len(ids) + n):
+        token = _forward(model, kv, [token], pos)
+    model.set_routing_observer(None)
+    trace.save(spec["plan_trace"])
+
+
 @torch.inference_mode()
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
@@ -126,7 +158,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     total = spec["prefill_tokens"] + spec["warmup_tokens"] + spec["decode_tokens"] + 1
     kv = allocate_kv_caches(model.kv_cache_spec(), total, 1, DTYPE)
     gen = torch.Generator().manual_seed(spec["seed"])
-    prompt = torch.randint(0, int(model.args.vocab_size), (spec["prefill_tokens"],), generator=gen).tolist()
+    prompt = (list(spec["prompt_ids"])[:spec["prefill_tokens"]] if spec.get("prompt_ids") else
+              torch.randint(0, int(model.args.vocab_size), (spec["prefill_tokens"],), generator=gen).tolist())
     _reset(provider)
     disk0, start = _disk_read_bytes(), time.perf_counter()
     token = _forward(model, kv, prompt, 0)
@@ -145,5 +178,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         provider.check()
         decode["resident_bytes"] = float(provider.resident_nbytes())
         decode["layer_recall"] = {str(k): v for k, v in provider.layer_recall().items()}
+    if spec["mode"] == "ram" and spec.get("plan_trace") and spec.get("plan_prompt_ids"):
+        _record_plan_trace(model, spec)
     return {"load_s": load_s, "prefill": prefill, "decode": decode,
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,11 +13,12 @@ from mixserve.engine.engine import Engine, ModelInfo
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.setup import build_from_pack, pack_tokenizer, prepare_pack
 from mixserve.hub import default_cache_dir, resolve_model
-from mixserve.layers.linear import enable_int8
+from mixserve.layers.linear import quantize_linears
 from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
 from mixserve.loading.tokenizer import Tokenizer
 from mixserve.models.base import as_causal_lm, build_model
 from mixserve.runner.model_runner import TorchModelRunner, kv_bytes_per_block
+from mixserve.structured.constraints import Constraints
 
 DEFAULT_MAX_MODEL_LEN = 8192
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -44,6 +45,8 @@ class LoadedModel:
     load_seconds: float
     expert_provider: BudgetedExpertProvider | None = None
     """The budgeted expert cache when `ExpertConfig.memory_budget` is set (None: experts all resident)."""
+    quantized: dict[str, int] = field(default_factory=dict)
+    """How many Linears run each quantized format ("int4", "int8"); empty for dense weights."""
 
     def expert_stats(self) -> dict[str, float]:
         """Expert cache counters (hit rate, bytes read per token, prefetch recall, stall seconds, ...);
@@ -62,10 +65,12 @@ def load_model(config: EngineConfig, cache_dir: str | Path | None = None) -> Loa
     model.eval()
     weight_format = mc.weight_format
     if weight_format == "auto":
-        weight_format = "int8" if checkpoint.format == "gguf" else "dense"
-    if weight_format == "int8":
-        enable_int8(model)
-    return LoadedModel(checkpoint, model, dtype, weight_format, time.perf_counter() - start, provider)
+        weight_format = "native" if checkpoint.format == "gguf" else "dense"
+    counts: dict[str, int] = {}
+    if weight_format in ("native", "int8", "int4"):
+        counts = quantize_linears(model, weight_format)  # type: ignore[arg-type]
+    return LoadedModel(checkpoint, model, dtype, weight_format, time.perf_counter() - start, provider,
+                       counts)
 
 
 def _load_weights(config: EngineConfig, cache_dir: str | Path | None, dtype: torch.dtype
@@ -100,8 +105,10 @@ def wire_engine(loaded: LoadedModel, config: EngineConfig, seed: int = 0) -> Bui
                           f"cannot hold one sequence of max_model_len={max_len}; raise kv_cache_bytes "
                           f"or lower max_model_len")
     eos = tuple(checkpoint.tokenizer.eos_token_ids)
-    runner = TorchModelRunner(lm, num_blocks, cache.block_size, dtype, eos, seed=seed)
-    info = ModelInfo(max_model_len=max_len, vocab_size=int(checkpoint.hf_config["vocab_size"]),
+    vocab_size = int(checkpoint.hf_config["vocab_size"])
+    constraints = Constraints(checkpoint.tokenizer.backend.to_str, vocab_size, eos)
+    runner = TorchModelRunner(lm, num_blocks, cache.block_size, dtype, eos, seed=seed, constraints=constraints)
+    info = ModelInfo(max_model_len=max_len, vocab_size=vocab_size,
                      eos_token_ids=eos, num_blocks=num_blocks)
     engine = Engine(config, runner, checkpoint.tokenizer, info)
     return BuiltEngine(engine, checkpoint.tokenizer, checkpoint, model, runner, loaded.load_seconds)

@@ -7,67 +7,58 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mixserve.config import CacheConfig, EngineConfig, ExpertConfig, ModelConfig, SchedulerConfig
+from mixserve.config import SECTION_PREFIXES, SECTION_TYPES, EngineConfig
+from mixserve.flags import Flag, add_flags, parse_size, values_from
 from mixserve.mixture.cli import RepeatableModel, add_serve_args, serve_models
 from mixserve.sampling_params import SamplingParams
 
-DEFAULT_MODEL = "smollm2-135m"
+# Flags that differ from the plain derivation (mixserve/flags.py): short and historical names, sizes.
+_ENGINE_FLAGS = {
+    "model": Flag(names=("-m",), metavar="NAME|PATH", action=RepeatableModel,
+                  help="serve: repeat for a pool of several models (NAME=PATH)"),
+    "num_threads": Flag(names=("--threads",)),
+    "weight_format": Flag(names=("--quantization",), parse=lambda text: "dense" if text == "none" else text),
+    "kv_cache_bytes": Flag(parse=parse_size, metavar="SIZE"),
+    "expert_memory_budget": Flag(metavar="SIZE"),
+}
+# The command line generates more than an API call by default and samples at a chat-like temperature.
+_SAMPLING_FLAGS = {
+    "n": Flag(names=("-n",)),
+    "temperature": Flag(names=("-t",), default=0.7, override_default=True),
+    "max_tokens": Flag(default=256, override_default=True),
+    "stop": Flag(repeat=True),
+}
+_SAMPLING_FIELDS = ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p",
+                    "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
+                    "stop_token_ids", "ignore_eos")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default=DEFAULT_MODEL, action=RepeatableModel,
-                   help="known model name or path (default: %(default)s); serve: repeat for several (NAME=PATH)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    g.add_argument("--weight-format", choices=["auto", "dense", "int8"], default="auto")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory (GiB)")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--max-num-batched-tokens", type=int, default=512)
-    g.add_argument("--max-num-seqs", type=int, default=128)
-    g.add_argument("--no-prefix-caching", action="store_true")
+    """Every engine option (`EngineConfig.flat_fields()`), plus where pulled models live."""
+    g = p.add_argument_group("engine (every field of mixserve.config; `LLM(**options)` takes the same names)")
+    flat = EngineConfig.flat_fields()
+    for section, prefix in SECTION_PREFIXES.items():
+        add_flags(g, SECTION_TYPES[section], prefix=prefix,
+                  flags={flat[k][1]: v for k, v in _ENGINE_FLAGS.items() if flat[k][0] == section})
+    g.add_argument("--kv-cache-gib", dest="kv_cache_bytes", type=lambda x: int(float(x) * (1 << 30)),
+                   default=argparse.SUPPRESS, help="KV cache memory in GiB (same as --kv-cache-bytes NGiB)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   default=argparse.SUPPRESS, help="same as --no-enable-prefix-caching")
     g.add_argument("--cache-dir", default=None, help="where pulled models live")
-    g.add_argument("--expert-memory-budget", default=None, metavar="SIZE",
-                   help="MoE only: memory for resident experts, as bytes (2GiB, 512MB) or a share of all "
-                        "expert bytes (25%%, 0.25); experts stream from an expert pack (made on first use)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("-n", type=int, default=1, help="number of samples")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--min-tokens", type=int, default=0)
-    g.add_argument("--temperature", "-t", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
+    g = p.add_argument_group("sampling (fields of SamplingParams)")
+    add_flags(g, SamplingParams, only=_SAMPLING_FIELDS, flags=_SAMPLING_FLAGS)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, weight_format=args.weight_format,
-                          max_model_len=args.max_model_len, num_threads=args.threads),
-        cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
-                          enable_prefix_caching=not args.no_prefix_caching),
-        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs),
-        experts=ExpertConfig(memory_budget=args.expert_memory_budget))
+    return EngineConfig().with_options(**{name: getattr(args, name) for name in EngineConfig.flat_fields()
+                                          if hasattr(args, name)})
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(n=args.n, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, seed=args.seed,
-                          stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    return SamplingParams(**values_from(args, SamplingParams))
 
 
 def _load(args: argparse.Namespace):  # -> LLM
@@ -152,12 +143,9 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from mixserve.server.launch import ServeOptions, serve
 
     config = engine_config(args)
-    config = replace(config, scheduler=replace(config.scheduler, max_num_waiting=args.max_num_waiting))
     from mixserve.server.limits import LIMIT_HELP, RequestLimits
 
     limits = RequestLimits(**{name: getattr(args, name) for name in LIMIT_HELP})
@@ -204,9 +192,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mixserve.scaling.evaluate import eval_config, run_eval
+    from mixserve.scaling.evaluate import EvalConfig, run_eval
 
-    config = eval_config(args)  # validate before loading the model
+    config = EvalConfig(**values_from(args, EvalConfig, prefix="eval_"))  # validate before loading the model
     return run_eval(_load(args), config, args.model)
 
 
@@ -228,8 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="name clients send as `model` (default: --model)")
-    srv.add_argument("--max-num-waiting", type=int, default=256,
-                     help="queued requests before new ones get 429 (default: %(default)s)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds in-flight requests may run after SIGTERM (default: %(default)s)")
     srv.add_argument("--reject-unknown-fields", action="store_true",
@@ -237,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_limit_args(srv)
     _add_model_args(srv)
+    srv.set_defaults(max_num_waiting=256)  # a server answers 429 rather than queue without bound
     add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
     models = sub.add_parser("models", help="list known models")
@@ -258,12 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--verify", action="store_true", help="re-read every expert and check its checksum")
     pack.add_argument("--cache-dir", default=None)
     pack.set_defaults(func=cmd_pack)
-    from mixserve.scaling.evaluate import add_eval_args
+    from mixserve.scaling.evaluate import EvalConfig
 
     ev = sub.add_parser("eval", help="inference-time scaling strategies x budgets on a generated task")
     _add_model_args(ev)
-    add_eval_args(ev)
+    # dest eval_*: the evaluation's seed and temperature are not the engine's
+    add_flags(ev.add_argument_group("evaluation (fields of EvalConfig)"), EvalConfig, dest_prefix="eval_",
+              flags={"out_dir": Flag(names=("--out",)), "temperature": Flag(names=("-t",))})
     ev.set_defaults(func=cmd_eval)
+    from mixserve.edge.cli import add_parsers as add_edge_parsers
+
+    add_edge_parsers(sub)
+    from mixserve.experts.moefy_cli import add_parser as add_moefy_parser
+
+    add_moefy_parser(sub)
     from mixserve.mixture.cli import add_parser as add_mixture_parser
 
     add_mixture_parser(sub)

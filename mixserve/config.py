@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 
@@ -41,7 +41,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 Dtype = Literal["float32", "bfloat16"]
-WeightFormat = Literal["auto", "dense", "int8"]
+WeightFormat = Literal["auto", "dense", "int8", "int4"]
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,11 @@ class ModelConfig:
     dtype: Dtype = "float32"
     """Activation dtype (and dense-weight dtype)."""
     weight_format: WeightFormat = "auto"
-    """dense: weights in `dtype`. int8: also keep int8 per-channel weights for small batches (decode),
-    which reads 4x fewer bytes per token. auto: int8 for GGUF checkpoints (already quantized), dense else."""
+    """dense: weights in `dtype`. int8: every Linear runs int8 per-channel weights (4x fewer bytes per
+    token than float32). int4: every Linear runs int4 weights in groups of 32 (8x fewer; int8 where a
+    shape does not fit the kernel). auto: for GGUF checkpoints int4 where the stored weights are
+    4-bit (Q4_0/Q4_1/Q4_K, re-encoded exactly) and int8 elsewhere; dense for HF checkpoints.
+    Quantized weights serve every batch size, prefill and decode alike."""
     max_model_len: int | None = None
     """Context length cap (prompt + output); None: the model's own limit, at most 8192."""
     num_threads: int | None = None
@@ -63,8 +66,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", self.model, "must be a name or a path")
         _require(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "float32 or bfloat16")
-        _require(self.weight_format in ("auto", "dense", "int8"), "weight_format", self.weight_format,
-                 "auto, dense or int8")
+        _require(self.weight_format in ("auto", "dense", "int8", "int4"), "weight_format",
+                 self.weight_format, "auto, dense, int8 or int4")
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len",
                  self.max_model_len, "must be >= 2")
         _require(self.num_threads is None or self.num_threads >= 1, "num_threads", self.num_threads,
@@ -208,3 +211,31 @@ class EngineConfig:
     """Scheduling limits."""
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     """MoE experts: memory budget, cache policy, prefetch (ignored for dense models)."""
+
+    @staticmethod
+    def flat_fields() -> dict[str, tuple[str, str]]:
+        """Flat option name -> (section, field): every field of every section, the expert fields
+        prefixed `expert_` (`expert_memory_budget`). `LLM(**options)` and the CLI flags use these names."""
+        out: dict[str, tuple[str, str]] = {}
+        for section, prefix in SECTION_PREFIXES.items():
+            for f in fields(SECTION_TYPES[section]):
+                out[prefix + f.name] = (section, f.name)
+        return out
+
+    def with_options(self, **options: object) -> EngineConfig:
+        """A copy with flat options replaced (see `flat_fields`); an unknown name is a ConfigError."""
+        known = EngineConfig.flat_fields()
+        changes: dict[str, dict[str, object]] = {}
+        for name, value in options.items():
+            if name not in known:
+                raise ConfigError(f"unknown engine option {name!r}; known options: {', '.join(known)}",
+                                  field=name)
+            section, key = known[name]
+            changes.setdefault(section, {})[key] = value
+        return replace(self, **{section: replace(getattr(self, section), **values)
+                                for section, values in changes.items()})
+
+
+SECTION_TYPES: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                                  "experts": ExpertConfig}
+SECTION_PREFIXES = {"model": "", "cache": "", "scheduler": "", "experts": "expert_"}

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
+from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from mixserve.builder import LoadedModel, load_model, wire_engine
-from mixserve.config import (
-    CacheConfig,
-    Dtype,
-    EngineConfig,
-    ExpertConfig,
-    ModelConfig,
-    SchedulerConfig,
-    WeightFormat,
-)
+from mixserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from mixserve.engine.dispatcher import Dispatcher, Sink, run_until
 from mixserve.outputs import CompletionOutput, RequestOutput
 from mixserve.sampling_params import SamplingParams
 
@@ -34,25 +28,17 @@ class LLM:
     >>> out[0].outputs[0].text
     """
 
-    def __init__(self, model: str = "smollm2-135m", *, dtype: Dtype = "float32",
-                 weight_format: WeightFormat = "auto", max_model_len: int | None = None,
-                 num_threads: int | None = None, block_size: int = 16, num_blocks: int | None = None,
-                 kv_cache_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
-                 max_num_batched_tokens: int = 512, max_num_seqs: int = 128,
-                 enable_chunked_prefill: bool = True, expert_memory_budget: str | None = None,
-                 seed: int = 0, cache_dir: str | Path | None = None,
-                 config: EngineConfig | None = None) -> None:
-        if config is None:
-            config = EngineConfig(
-                model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format,
-                                  max_model_len=max_model_len, num_threads=num_threads),
-                cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                                  kv_cache_bytes=kv_cache_bytes,
-                                  enable_prefix_caching=enable_prefix_caching),
-                scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                                          max_num_seqs=max_num_seqs,
-                                          enable_chunked_prefill=enable_chunked_prefill),
-                experts=ExpertConfig(memory_budget=expert_memory_budget))
+    def __init__(self, model: str | None = None, *, seed: int = 0, cache_dir: str | Path | None = None,
+                 config: EngineConfig | None = None, **options: Any) -> None:
+        """`model`: a known name, an HF folder or a .gguf file (default: `ModelConfig.model`).
+        `options`: any engine option by its flat name (`EngineConfig.flat_fields()`: dtype, weight_format,
+        max_model_len, num_threads, block_size, num_blocks, kv_cache_bytes, enable_prefix_caching,
+        max_num_batched_tokens, max_num_seqs, enable_chunked_prefill, expert_memory_budget, ...),
+        applied over `config` (default: `EngineConfig()`); each is documented on its config field."""
+        config = config or EngineConfig()
+        if model is not None:
+            options["model"] = model
+        config = config.with_options(**options)
         self._setup(config, load_model(config, cache_dir=cache_dir), seed)
 
     def _setup(self, config: EngineConfig, loaded: LoadedModel, seed: int) -> None:
@@ -63,17 +49,16 @@ class LLM:
         self.tokenizer = built.tokenizer
         self.checkpoint = built.checkpoint
         self.model = built.model
-        self._ids = itertools.count()
+        self.dispatcher = Dispatcher(self.engine)
+        """Routes every output of this LLM's engine to its caller (generate, stream, scale)."""
 
     def with_config(self, *, cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
                     max_model_len: int | None = None, seed: int = 0) -> LLM:
         """A new LLM with its own engine and KV cache over the same loaded weights."""
-        model = self.config.model
-        if max_model_len is not None:
-            model = ModelConfig(model=model.model, dtype=model.dtype, weight_format=model.weight_format,
-                                max_model_len=max_model_len, num_threads=model.num_threads)
-        config = EngineConfig(model=model, cache=cache or self.config.cache,
-                              scheduler=scheduler or self.config.scheduler, experts=self.config.experts)
+        model = self.config.model if max_model_len is None else replace(self.config.model,
+                                                                         max_model_len=max_model_len)
+        config = replace(self.config, model=model, cache=cache or self.config.cache,
+                         scheduler=scheduler or self.config.scheduler)
         other = LLM.__new__(LLM)
         other._setup(config, self.loaded, seed)
         return other
@@ -98,35 +83,34 @@ class LLM:
     def chat_prompt(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
-        request_id = f"llm-{next(self._ids)}"
+    def _add(self, prompt: Prompt, params: SamplingParams, sink: Sink) -> str:
+        request_id = self.dispatcher.new_id("llm")
         text = prompt if isinstance(prompt, str) else None
-        self.engine.add_request(request_id, self.encode(prompt), params, prompt=text)
+        self.dispatcher.add(request_id, self.encode(prompt), params, sink, prompt=text)
         return request_id
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion, batched; outputs in prompt order."""
-        params = params or SamplingParams()
+        """Run every prompt to completion, batched; outputs in prompt order. `params` is one
+        `SamplingParams` for all prompts or one per prompt (as in vLLM)."""
         batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
-        ids = [self._add(p, params) for p in batch]  # type: ignore[arg-type]
-        pending = set(ids)
-        finals: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
-        while pending:
-            for delta in self.engine.step():
-                if delta.request_id not in finals and delta.request_id not in pending:
-                    continue
-                finals[delta.request_id] = _merge(finals.get(delta.request_id) or _accumulator(delta),
-                                                  delta)
-                if delta.finished:
-                    pending.discard(delta.request_id)
-                    bar.update(1)
-            if pending and not self.engine.has_unfinished():
-                raise RuntimeError(f"engine went idle with requests unfinished: {sorted(pending)}")
-        bar.close()
-        return [finals[rid] for rid in ids]
+        per_prompt = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(batch)
+        if len(per_prompt) != len(batch):
+            raise ValueError(f"params: got {len(per_prompt)} SamplingParams for {len(batch)} prompts")
+        bar = tqdm(total=len(batch), desc="generate", disable=not use_tqdm)
+        collector = _Collector(bar)
+        ids: list[str] = []
+        try:
+            for p, sp in zip(batch, per_prompt):
+                ids.append(self._add(p, sp, collector))  # type: ignore[arg-type]
+            run_until(self.dispatcher, lambda: collector.num_finished == len(ids), "generate")
+        finally:
+            for rid in ids:
+                self.dispatcher.abort(rid)  # a no-op for finished requests; frees the rest on error
+            bar.close()
+        return [collector.finals[rid] for rid in ids]
 
     def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
@@ -146,22 +130,56 @@ class LLM:
         """
         from mixserve.scaling import make_strategy, run_strategy
 
+        options.setdefault("strategy_id", self.dispatcher.new_id("scale"))
         made = make_strategy(strategy, self.encode(prompt), budget, params, verifier, self.tokenizer,
                              cost=self.cost(), **options)
-        return run_strategy(self.engine, made)
+        return run_strategy(self.dispatcher, made)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield deltas (new tokens and text per sample) of one request as they are produced."""
-        request_id = self._add(prompt, params or SamplingParams())
+        queue = _Queue()
+        request_id = self._add(prompt, params or SamplingParams(), queue)
         try:
             while True:
-                deltas = [d for d in self.engine.step() if d.request_id == request_id]
-                for delta in deltas:
+                while queue.items:
+                    delta = queue.items.popleft()
                     yield delta
                     if delta.finished:
                         return
+                run_until(self.dispatcher, lambda: bool(queue.items), "stream")
         finally:
-            self.engine.abort_request(request_id)
+            self.dispatcher.abort(request_id)
+
+
+class _Collector:
+    """Sink of `generate`: folds each request's deltas into its final output."""
+
+    def __init__(self, bar: Any) -> None:
+        self.finals: dict[str, RequestOutput] = {}
+        self.num_finished = 0
+        self.bar = bar
+
+    def put(self, out: RequestOutput) -> None:
+        self.finals[out.request_id] = _merge(self.finals.get(out.request_id) or _accumulator(out), out)
+        if out.finished:
+            self.num_finished += 1
+            self.bar.update(1)
+
+    def fail(self, error: BaseException) -> None:
+        raise error
+
+
+class _Queue:
+    """Sink of `stream`: deltas wait here until the generator hands them out."""
+
+    def __init__(self) -> None:
+        self.items: deque[RequestOutput] = deque()
+
+    def put(self, out: RequestOutput) -> None:
+        self.items.append(out)
+
+    def fail(self, error: BaseException) -> None:
+        raise error
 
 
 def _is_token_list(value: object) -> bool:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mixserve.config import FieldError
+from mixserve.structured.spec import StructuredOutput
 
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
@@ -59,6 +61,10 @@ class SamplingParams:
     """Keep the matched stop string at the end of the text."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits before sampling, bias in [-100, 100] (a dict is accepted)."""
+    structured: StructuredOutput | None = None
+    """Constrain the output to a JSON schema, any JSON object, a regex, a choice or a grammar (see
+    `mixserve.structured`). Not combinable with stop strings/ids, ignore_eos or min_tokens: a
+    constrained sample ends only when its constraint is complete (EOS) or at max_tokens (`length`)."""
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
     """Free-form fields passed through for strategies and the server; never read by the engine."""
 
@@ -114,6 +120,18 @@ class SamplingParams:
                 raise bad("logit_bias", dict(self.logit_bias), "must map token ids >= 0 to numbers in [-100, 100]")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+        self._validate_structured(bad)
+
+    def _validate_structured(self, bad: Callable[[str, object, str], SamplingError]) -> None:
+        if self.structured is None:
+            return
+        if not isinstance(self.structured, StructuredOutput):
+            raise bad("structured", self.structured, "must be a StructuredOutput")
+        for name, value in (("stop", self.stop), ("stop_token_ids", self.stop_token_ids),
+                            ("ignore_eos", self.ignore_eos), ("min_tokens", self.min_tokens)):
+            if value:
+                raise bad(name, value, "cannot be combined with structured output (the constraint decides "
+                                       "where the output ends)")
 
     @property
     def greedy(self) -> bool:

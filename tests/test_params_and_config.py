@@ -34,7 +34,7 @@ def test_valid_sampling_params() -> None:
 
 @pytest.mark.parametrize("make,field", [
     (lambda: ModelConfig(dtype="float16"), "dtype"),  # type: ignore[arg-type]
-    (lambda: ModelConfig(weight_format="int4"), "weight_format"),  # type: ignore[arg-type]
+    (lambda: ModelConfig(weight_format="int2"), "weight_format"),  # type: ignore[arg-type]
     (lambda: ModelConfig(max_model_len=1), "max_model_len"),
     (lambda: ModelConfig(model=""), "model"),
     (lambda: CacheConfig(block_size=0), "block_size"),

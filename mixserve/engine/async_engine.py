@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
+from mixserve.engine.dispatcher import Controller, Dispatcher
 from mixserve.engine.engine import Engine
 from mixserve.outputs import RequestOutput
 from mixserve.sampling_params import SamplingParams
@@ -28,53 +28,47 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an internal error or was shut down; no more work is accepted."""
 
 
-class Controller(Protocol):
-    """Something that drives several engine requests itself (a scaling strategy), on the engine thread."""
-
-    def start(self, engine: Engine) -> None: ...
-
-    def on_output(self, engine: Engine, out: RequestOutput) -> None: ...
-
-    def owns(self, request_id: str) -> bool: ...
-
-    @property
-    def done(self) -> bool: ...
-
-    def cancel(self, engine: Engine) -> None:
-        """Abort everything still in flight (the caller went away or a callback failed)."""
-
-    def result(self) -> Any: ...
-
-
 @dataclass
-class _Sink:
+class _QueueSink:
+    """Hands a request's deltas to an asyncio queue from the engine thread."""
+
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
 
+    def put(self, out: RequestOutput) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
-@dataclass
-class _Running:
-    controller: Controller
-    future: concurrent.futures.Future[Any]
+    def fail(self, error: BaseException) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
 
 
 class AsyncEngine:
-    """Thread-owning wrapper of an `Engine` for asyncio servers. Call `start()` once, `shutdown()` at the end."""
+    """Thread-owning wrapper of an `Engine` for asyncio servers. Call `start()` once, `shutdown()` at the end.
+
+    Outputs are routed by a `Dispatcher` on the engine thread: each request's deltas go to its
+    asyncio queue, each controller's to the controller."""
 
     def __init__(self, engine: Engine, idle_wait_s: float = 0.5) -> None:
         self.engine = engine
+        self.dispatcher = Dispatcher(engine)
         self.idle_wait_s = idle_wait_s
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Condition()
-        self._sinks: dict[str, _Sink] = {}
-        self._controllers: list[_Running] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: str | None = None
         self.stats: dict[str, float] = engine.stats()
         """Snapshot of `Engine.stats()` taken by the engine thread after every step."""
-        self.listeners: list[Callable[[list[RequestOutput]], None]] = []
+
+    @property
+    def listeners(self) -> list[Callable[[list[RequestOutput]], None]]:
         """Called on the engine thread with every step's outputs (metrics); must be quick and not raise."""
+        return self.dispatcher.listeners
+
+    def new_id(self, kind: str = "req") -> str:
+        """A fresh request id (see `Dispatcher.new_id`); safe from any thread."""
+        return self.dispatcher.new_id(kind)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -89,12 +83,12 @@ class AsyncEngine:
         """Abort everything still running, stop the thread and fail open streams."""
         if self._thread is None:
             return
-        self._submit(self._abort_all)
+        self._submit(lambda: self.dispatcher.abort_all(EngineDeadError("the server is shutting down")))
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout_s)
-        self._fail_all(EngineDeadError("the server is shutting down"))
+        self.dispatcher.fail_all(EngineDeadError("the server is shutting down"))
 
     # -- calls from any thread ----------------------------------------------------------------
     def call(self, fn: Callable[[Engine], T]) -> concurrent.futures.Future[T]:
@@ -124,19 +118,15 @@ class AsyncEngine:
         Raises what `Engine.add_request` raises (RequestError, QueueFullError), with nothing queued.
         """
         queue = queue if queue is not None else asyncio.Queue()
-        sink = _Sink(asyncio.get_running_loop(), queue)
-
-        def add(engine: Engine) -> None:
-            engine.add_request(request_id, prompt_token_ids, params, prompt=prompt)
-            self._sinks[request_id] = sink
-
-        await asyncio.wrap_future(self.call(add))
+        sink = _QueueSink(asyncio.get_running_loop(), queue)
+        await asyncio.wrap_future(self.call(
+            lambda engine: self.dispatcher.add(request_id, prompt_token_ids, params, sink, prompt)))
         return queue
 
     def abort(self, request_id: str) -> None:
         """Abort a request (fire and forget; safe from a cancelled task). Its stream gets the final delta."""
         if self.healthy:
-            self._submit(lambda: self._dispatch([o for o in [self.engine.abort_request(request_id)] if o]))
+            self._submit(lambda: self.dispatcher.abort(request_id))
 
     async def stream(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                      prompt: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -158,17 +148,20 @@ class AsyncEngine:
         """Start `controller` on the engine thread, feed it its requests' outputs, return its result."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
-        def start(engine: Engine) -> None:
-            running = _Running(controller, future)
-            self._controllers.append(running)
-            self._guard(running, lambda: controller.start(engine))
+        def finish(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
-        await asyncio.wrap_future(self.call(start))
+        await asyncio.wrap_future(self.call(lambda engine: self.dispatcher.start(controller, finish)))
         try:
             return await asyncio.wrap_future(future)
         finally:
             if not future.done():  # the caller went away: stop the controller and its requests
-                self._submit(lambda: self._drop(controller, None))
+                self._submit(lambda: self.dispatcher.drop(controller, asyncio.CancelledError()))
 
     # -- engine thread --------------------------------------------------------------------------
     def _submit(self, command: Callable[[], None]) -> None:
@@ -194,68 +187,7 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001 - a bug in the engine: stop cleanly, tell everyone
                 self.error = f"engine step failed: {type(exc).__name__}: {exc}"
-                self._fail_all(EngineDeadError(self.error))
+                self.dispatcher.fail_all(EngineDeadError(self.error))
                 return
             self.stats = self.engine.stats()
-            self._dispatch(outputs)
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for listener in self.listeners:
-            listener(outputs)
-        for out in outputs:
-            sink = self._sinks.get(out.request_id)
-            if sink is not None:
-                sink.loop.call_soon_threadsafe(sink.queue.put_nowait, out)
-                if out.finished:
-                    del self._sinks[out.request_id]
-                continue
-            for running in list(self._controllers):
-                if running.controller.owns(out.request_id):
-                    self._guard(running, functools.partial(running.controller.on_output, self.engine, out))
-                    break
-
-    def _guard(self, running: _Running, action: Callable[[], None]) -> None:
-        """Run a controller callback; finish its future when it is done or raises."""
-        try:
-            action()
-        except Exception as exc:  # noqa: BLE001 - a failing strategy fails its own call only
-            self._drop(running.controller, exc)
-            return
-        if running.controller.done:
-            self._drop(running.controller, None)
-
-    def _drop(self, controller: Controller, error: BaseException | None) -> None:
-        for running in [r for r in self._controllers if r.controller is controller]:
-            self._controllers.remove(running)
-            if not controller.done:
-                try:
-                    controller.cancel(self.engine)
-                except Exception as exc:  # noqa: BLE001 - still free what it owns below
-                    error = error or exc
-            for request_id in [rid for rid in self.engine.groups if controller.owns(rid)]:
-                self.engine.abort_request(request_id)
-            if running.future.done():
-                continue
-            if error is not None:
-                running.future.set_exception(error)
-            else:
-                try:
-                    running.future.set_result(controller.result() if controller.done else None)
-                except Exception as exc:  # noqa: BLE001
-                    running.future.set_exception(exc)
-
-    def _abort_all(self) -> None:
-        for request_id in list(self.engine.groups):
-            self._dispatch([o for o in [self.engine.abort_request(request_id)] if o])
-        for running in list(self._controllers):
-            self._drop(running.controller, EngineDeadError("the server is shutting down"))
-
-    def _fail_all(self, error: BaseException) -> None:
-        sinks, self._sinks = self._sinks, {}
-        for sink in sinks.values():
-            if not sink.loop.is_closed():
-                sink.loop.call_soon_threadsafe(sink.queue.put_nowait, error)
-        for running in self._controllers:
-            if not running.future.done():
-                running.future.set_exception(error)
-        self._controllers = []
+            self.dispatcher.deliver(outputs)

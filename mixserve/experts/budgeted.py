@@ -24,6 +24,7 @@ from mixserve.experts.cache import LayerCache, Loaded, Slot, plan_capacity
 from mixserve.experts.iopool import DEMAND, NEXT_WAVE, PREDICTED, IOPool
 from mixserve.experts.policy import EvictionPolicy, make_policy
 from mixserve.experts.predict import ExpertPredictor
+from mixserve.experts.pregate import StepPredictor
 from mixserve.experts.provider import ExpertWeights
 from mixserve.experts.quant import decode, decoded_nbytes
 from mixserve.experts.stats import ExpertStats
@@ -36,9 +37,11 @@ class BudgetedExpertProvider:
     def __init__(self, store: ExpertStore, budget_nbytes: int, dtype: torch.dtype, *,
                  policy: str | Callable[[int], EvictionPolicy] = "lfru",
                  predictor: ExpertPredictor | None = None, io_threads: int = 2,
-                 capacity: dict[int, int] | None = None) -> None:
+                 capacity: dict[int, int] | None = None, step_predictor: StepPredictor | None = None) -> None:
         """`policy`: a name (lru, lfu, lfru) or a factory layer_idx -> policy (e.g. Belady over a
-        recorded trace). `capacity`: slots per layer instead of `plan_capacity` (must fit the budget)."""
+        recorded trace). `capacity`: slots per layer instead of `plan_capacity` (must fit the budget).
+        `step_predictor`: a pre-gating router asked once per step, at the first MoE layer, for every
+        layer's experts (all fetched at once); `predictor`: asked per layer for the next one."""
         self.store = store
         self.dtype = dtype
         self.layer_ids = list(store.layer_ids)
@@ -46,12 +49,16 @@ class BudgetedExpertProvider:
         self.budget_nbytes = budget_nbytes
         raw = {i: store.max_padded_nbytes(i) for i in self.layer_ids}
         self.slot_nbytes = slot = self.slot_sizes(store, dtype)
+        # Blobs not already in `dtype` stay encoded in their slot and are decoded per `get`.
+        self._views = {(i, e): decoded_nbytes(list(store.entry(i, e).layout), dtype) == 0
+                       for i in self.layer_ids for e in range(self.num_experts)}
         self.capacity = capacity or plan_capacity(self.layer_ids, self.num_experts, slot, budget_nbytes)
         factory = policy if callable(policy) else (lambda _layer: make_policy(policy))
         self.caches = {i: LayerCache(i, self.capacity[i], raw[i], slot[i], factory(i)) for i in self.layer_ids}
         if sum(c.capacity * c.slot_nbytes for c in self.caches.values()) > budget_nbytes:
             raise ValueError(f"expert cache capacities {self.capacity} exceed the budget of {budget_nbytes} bytes")
         self.predictor = predictor
+        self.step_predictor = step_predictor
         self.io = IOPool(io_threads)
         self.stats = ExpertStats(self.layer_ids)
         self._waves: dict[int, list[list[int]]] = {}
@@ -60,11 +67,10 @@ class BudgetedExpertProvider:
 
     @staticmethod
     def slot_sizes(store: ExpertStore, dtype: torch.dtype) -> dict[int, int]:
-        """Bytes of one cache slot per layer: the largest padded blob plus, when the blob is not already
-        in `dtype`, the decoded tensors."""
-        return {i: store.max_padded_nbytes(i) + max(decoded_nbytes(list(store.entry(i, e).layout), dtype)
-                                                   for e in range(store.num_experts))
-                for i in store.layer_ids}
+        """Bytes of one cache slot per layer: the largest padded blob, as stored. Quantized experts count
+        at their stored size: they stay encoded in the slot and are decoded per `get` into tensors that
+        live only until `release` (the working set of one wave, outside the budget)."""
+        return {i: store.max_padded_nbytes(i) for i in store.layer_ids}
 
     # ---- ExpertProvider ------------------------------------------------------------------------------
 
@@ -72,6 +78,8 @@ class BudgetedExpertProvider:
         cache = self.caches[layer_idx]
         if layer_idx == self.layer_ids[0]:
             self.stats.begin_step(x.shape[0])
+            if self.step_predictor is not None:
+                self._predict_step(x)
         predicted = self._predicted.pop(layer_idx, None)
         if predicted is not None:
             self.stats.record_recall(layer_idx, len(predicted & set(active_ids)), len(active_ids))
@@ -93,6 +101,14 @@ class BudgetedExpertProvider:
         self._waves[layer_idx] = [list(w) for w in waves]
         return waves
 
+    def _predict_step(self, x: torch.Tensor) -> None:
+        """Every layer's predicted experts, read now (low priority, into idle slots), nearest layer first."""
+        assert self.step_predictor is not None
+        for layer_idx, ranked in sorted(self.step_predictor.predict_step(x).items()):
+            if layer_idx in self.caches:
+                self._predicted[layer_idx] = set(ranked)
+                self.prefetch(layer_idx, ranked[:self.caches[layer_idx].capacity], PREDICTED)
+
     def get(self, layer_idx: int, expert_ids: list[int]) -> ExpertWeights:
         cache = self.caches[layer_idx]
         if len(expert_ids) > cache.capacity:
@@ -107,8 +123,10 @@ class BudgetedExpertProvider:
             if queued:
                 self.prefetch(layer_idx, queued[0], NEXT_WAVE, keep=keep | set(queued[0]))
         start = time.perf_counter()
-        loaded = [self._wait(s) for s in slots]
+        for s in slots:
+            self._wait(s)
         self.stats.stall_seconds += time.perf_counter() - start
+        loaded = [self._weights(layer_idx, s) for s in slots]
         return ExpertWeights(layer_idx, list(expert_ids), [w[0] for w in loaded], [w[1] for w in loaded])
 
     def release(self, weights: ExpertWeights) -> None:
@@ -126,10 +144,13 @@ class BudgetedExpertProvider:
             slot = self._load(cache, expert_id, keep, DEMAND, wait_for_room=True)
             assert slot is not None
             self.stats.misses += 1
-        elif slot.weights is None:
+        elif slot.wave_load:
+            self.stats.misses += 1  # read for this step's next wave: a miss the wave plan hid, not a hit
+        elif slot.future is not None:
             self.stats.inflight_hits += 1
         else:
             self.stats.hits += 1
+        slot.wave_load = False
         if slot.prefetched:
             slot.prefetched = False
             self.stats.prefetch_used += 1
@@ -152,22 +173,30 @@ class BudgetedExpertProvider:
             return None
         entry = self.store.entry(cache.layer_idx, expert_id)
         raw, layout, dtype = slot.raw, list(entry.layout), self.dtype
+        views = self._views[(cache.layer_idx, expert_id)]
 
-        def read() -> Loaded:
+        def read() -> Loaded | None:
             self.store.read_into(entry, raw)
-            return decode(raw, layout, dtype)
+            return decode(raw, layout, dtype) if views else None
 
-        cache.assign(slot, expert_id, self.io.submit(priority, read), entry.nbytes, priority != DEMAND)
+        cache.assign(slot, expert_id, self.io.submit(priority, read), entry.nbytes, priority == PREDICTED)
+        slot.wave_load = priority == NEXT_WAVE
         self.stats.bytes_read += entry.nbytes
         self._check()
         return slot
 
-    def _wait(self, slot: Slot) -> Loaded:
-        if slot.weights is None:
-            assert slot.future is not None
+    def _wait(self, slot: Slot) -> None:
+        """Block until the slot's read (if any) finished."""
+        if slot.future is not None:
             slot.weights = slot.future.result()
             slot.future = None
-        return slot.weights
+
+    def _weights(self, layer_idx: int, slot: Slot) -> Loaded:
+        """A read slot's tensors: cached views, or decoded now from the encoded blob."""
+        if slot.weights is not None:
+            return slot.weights
+        assert slot.expert_id is not None
+        return decode(slot.raw, list(self.store.entry(layer_idx, slot.expert_id).layout), self.dtype)
 
     def prefetch(self, layer_idx: int, expert_ids: list[int], priority: int = PREDICTED,
                  keep: set[int] | None = None) -> None:
@@ -179,7 +208,19 @@ class BudgetedExpertProvider:
             if cache.lookup(e) is None:
                 if self._load(cache, e, keep, priority, wait_for_room=False) is None:
                     return
-                self.stats.prefetch_issued += 1
+                self.stats.prefetch_issued += priority == PREDICTED
+
+    def preload(self) -> None:
+        """Read every expert now (the budget must hold them all): the all-in-RAM configuration on the
+        same code path as a budgeted one, with no reads left for later steps."""
+        if any(c.capacity < self.num_experts for c in self.caches.values()):
+            raise ValueError(f"preload needs room for all {self.num_experts} experts per layer; "
+                             f"capacities are {self.capacity}")
+        for layer_idx in self.layer_ids:
+            self.prefetch(layer_idx, list(range(self.num_experts)), DEMAND)
+            for slot in self.caches[layer_idx].slots:
+                self._wait(slot)
+        self.reset_stats()
 
     # ---- accounting ----------------------------------------------------------------------------------
 

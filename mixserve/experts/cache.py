@@ -33,8 +33,8 @@ class Slot:
     expert_id: int | None = None
     """Expert held (or being read); None when empty."""
     weights: Loaded | None = None
-    """Decoded tensors once the read finished."""
-    future: Future[Loaded] | None = None
+    """Views of the read blob once the read finished (None for encoded blobs, decoded per use)."""
+    future: Future[Loaded | None] | None = None
     """The read in flight, if any."""
     pins: int = 0
     """Active `get`s using this slot."""
@@ -42,6 +42,8 @@ class Slot:
     """Loaded by a prefetch and not requested since (for prefetch accounting)."""
     nbytes_read: int = field(default=0)
     """Bytes of the current expert's read."""
+    wave_load: bool = False
+    """Read ahead for the next wave of the same step (counts as a miss when requested, not a hit)."""
 
     @property
     def busy(self) -> bool:
@@ -106,8 +108,9 @@ class LayerCache:
             del self.where[slot.expert_id]
         self.wasted_prefetches += slot.prefetched
         slot.expert_id, slot.weights, slot.future, slot.prefetched = None, None, None, False
+        slot.wave_load = False
 
-    def assign(self, slot: Slot, expert_id: int, future: Future[Loaded], nbytes: int, prefetched: bool) -> None:
+    def assign(self, slot: Slot, expert_id: int, future: Future[Loaded | None], nbytes: int, prefetched: bool) -> None:
         slot.expert_id, slot.weights, slot.future = expert_id, None, future
         slot.prefetched, slot.nbytes_read = prefetched, nbytes
         self.where[expert_id] = slot

@@ -25,7 +25,7 @@ class ExpertStats:
     bytes_read: int = 0
     """Bytes read from the store (demand and prefetch)."""
     prefetch_issued: int = 0
-    """Prefetch reads started (next-layer prediction and next prefill wave)."""
+    """Predicted prefetch reads started (reads ahead for the next wave of the same step are misses)."""
     prefetch_used: int = 0
     """Prefetched experts later requested."""
     prefetch_wasted: int = 0

@@ -40,6 +40,17 @@ class AttentionMetadata:
     (e.g. all decodes in one group, each long prefill alone) so short queries are not padded to the
     longest one. Each group's `slot_mapping` is unused (the cache write is done once for the batch)."""
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _biases: dict[tuple[str, int | None], torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    def decode_bias(self, sliding_window: int | None) -> torch.Tensor | None:
+        """`mask(sliding_window)` as an additive float32 bias (0 or -inf), `[num_seqs, 1, 1,
+        max_seq_len]` for one-token queries; None when every key is visible. Cached per window."""
+        key = ("bias", sliding_window)
+        if key not in self._biases:
+            mask = self.mask(sliding_window)
+            self._biases[key] = None if mask is None else torch.zeros(mask.shape).masked_fill_(
+                ~mask, float("-inf"))
+        return self._biases[key]
 
     @property
     def num_seqs(self) -> int:
@@ -111,8 +122,10 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        if k.dtype != k_cache.dtype:
+            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
         if meta.groups is None:
             return self._attend(q, k, v, kv_cache, meta)
         outs, start = [], 0
@@ -136,9 +149,11 @@ class Attention(nn.Module):
             return out[0].transpose(0, 1).reshape(num_tokens, -1)
         assert meta.kv_slots is not None
         num_seqs, max_q = meta.num_seqs, meta.max_query_len
+        if max_q == 1:
+            return self._decode(q, kv_cache, meta)
         # [num_seqs, num_kv_heads, max_seq_len, head_dim] gathered context.
-        keys = k_cache[meta.kv_slots].to(q.dtype).transpose(1, 2)
-        values = v_cache[meta.kv_slots].to(q.dtype).transpose(1, 2)
+        keys = _gather(k_cache, meta.kv_slots, q.dtype).transpose(1, 2)
+        values = _gather(v_cache, meta.kv_slots, q.dtype).transpose(1, 2)
         if meta.q_index is None:
             q_pad = q.view(num_seqs, max_q, self.num_heads, self.head_dim)
         else:
@@ -151,3 +166,25 @@ class Attention(nn.Module):
         if meta.q_index is not None:
             out = out[meta.q_index]
         return out
+
+    def _decode(self, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """One query token per sequence: two batched matmuls over the gathered context, each KV
+        head's query group in one matrix (no SDPA set-up, no GQA expansion of K/V)."""
+        assert meta.kv_slots is not None
+        num_seqs, group = meta.num_seqs, self.num_heads // self.num_kv_heads
+        keys = _gather(kv_cache[0], meta.kv_slots, q.dtype)  # [num_seqs, max_seq_len, kv_heads, head_dim]
+        values = _gather(kv_cache[1], meta.kv_slots, q.dtype)
+        q_groups = (q * self.scale).view(num_seqs, self.num_kv_heads, group, self.head_dim)
+        scores = torch.matmul(q_groups, keys.permute(0, 2, 3, 1))  # [num_seqs, kv_heads, group, max_seq_len]
+        bias = meta.decode_bias(self.sliding_window)
+        if bias is not None:
+            scores = scores + (bias if bias.dtype == scores.dtype else bias.to(scores.dtype))
+        out = torch.matmul(scores.softmax(dim=-1), values.transpose(1, 2))  # [.., group, head_dim]
+        return out.reshape(num_seqs, self.num_heads * self.head_dim)
+
+
+def _gather(cache: torch.Tensor, kv_slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`[num_seqs, max_seq_len, num_kv_heads, head_dim]` context rows of `cache` (one index_select,
+    ~3x cheaper than advanced indexing with a 2-D index)."""
+    rows = cache.index_select(0, kv_slots.view(-1)).view(*kv_slots.shape, *cache.shape[1:])
+    return rows if rows.dtype == dtype else rows.to(dtype)

@@ -1,33 +1,29 @@
-"""Linear layer that keeps dense weights and, optionally, an int8 per-channel copy for small batches.
+"""Linear layer: dense weights, or one quantized format (`layers/quant.py`) used for every call.
 
-At decode, a step reads every weight once for a handful of tokens: the cost is bytes read, so int8
-weights (4x fewer bytes than fp32) run ~2.5x faster. Large batches are compute-bound, where the dense
-fp32 matmul wins. `int8_max_tokens` is the crossover measured on a 2-core AVX-512 machine.
+At decode a step reads every weight once for a handful of tokens: the cost is bytes read, so int8
+(4x fewer bytes than fp32) and int4 (8x fewer) weights run faster; on the 2-core AVX-512 machines
+here the int8/int4 kernels also beat the fp32 matmul up to prefill-sized batches (512 rows), so a
+quantized `Linear` uses its quantized weights for every batch size. The same request then computes
+with the same weights whether it runs alone or beside others, in prefill or in decode.
 """
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-INT8_MAX_TOKENS = 16
-"""Use the int8 kernel when a call has at most this many rows (measured crossover)."""
+from mixserve.layers.quant import Int8Weight, QuantizedWeight, QuantMode, quantize_int8, quantize_weight
 
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: returns (`[out, in]` int8, `[out]` scales)."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scales
+__all__ = ["Linear", "enable_int8", "quantize_int8", "quantize_linears"]
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). `weight` is `[out_features, in_features]` like torch.nn.Linear."""
+    """y = x W^T (+ b). `weight` is `[out_features, in_features]` like torch.nn.Linear.
+
+    With `quant` set, every call multiplies by the quantized weight (bf16 activations inside the
+    kernel, float32 in and out); the dense `weight` is kept for callers that read it.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -35,65 +31,45 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.qweight: torch.Tensor | None = None
-        self.qscales: torch.Tensor | None = None
+        self.quant: QuantizedWeight | None = None
+
+    def quantize(self, mode: QuantMode) -> None:
+        """Build the quantized weight used from now on for every call (see `QuantMode`)."""
+        self.quant = quantize_weight(self.weight.data, mode)
 
     def enable_int8(self) -> None:
-        """Build the int8 copy used for calls with at most INT8_MAX_TOKENS rows."""
-        self.qweight, scales = quantize_int8(self.weight.data)
-        self.qscales = scales.to(torch.bfloat16)
+        """Use an int8 per-channel copy of the weight for every call."""
+        self.quant = quantize_int8(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is not None and x.numel() // self.in_features <= INT8_MAX_TOKENS:
-            assert self.qscales is not None
-            shape = x.shape
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                          self.qweight, self.qscales)
-            y = y.to(x.dtype).view(*shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
-
-
-def enable_int8(module: nn.Module, measure: bool = True) -> int:
-    """Give `Linear`s under `module` an int8 copy where it is faster; returns how many were converted.
-
-    The int8 kernel's speed depends on the shape and the CPU (on some shapes it is 20x slower than
-    fp32 on one machine we measured), so with `measure` each distinct shape is timed once for a
-    single row, int8 against dense, and only shapes where int8 wins get a copy.
-    """
-    decisions: dict[tuple[int, int], bool] = {}
-    count = 0
-    for sub in module.modules():
-        if not isinstance(sub, Linear):
-            continue
-        shape = (sub.in_features, sub.out_features)
-        if shape not in decisions:
-            sub.enable_int8()
-            decisions[shape] = not measure or _int8_is_faster(sub)
-        if decisions[shape]:
-            if sub.qweight is None:
-                sub.enable_int8()
-            count += 1
+        if self.quant is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.dim() == 2:  # the runner's packed `[num_tokens, in_features]`: no reshapes
+            y = self.quant.matmul(x).to(x.dtype)
         else:
-            sub.qweight = sub.qscales = None
-    return count
+            y = self.quant.matmul(x.reshape(-1, self.in_features)).to(x.dtype)
+            y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
-def _int8_is_faster(layer: Linear) -> bool:
-    """Time one-row calls of the int8 kernel and of the dense matmul (best of a few)."""
-    x = torch.randn(1, layer.in_features, dtype=layer.weight.dtype)
-    assert layer.qweight is not None and layer.qscales is not None
-    qweight, qscales = layer.qweight, layer.qscales
-    int8 = lambda: torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, qscales)
-    dense = lambda: F.linear(x, layer.weight)
-    return _best_time(int8) < 0.9 * _best_time(dense)
+def quantize_linears(module: nn.Module, mode: QuantMode) -> dict[str, int]:
+    """Quantize every `Linear` under `module` (deterministic: the format follows from the weights and
+    `mode`, never from timing); returns how many Linears got each format ("int4", "int8")."""
+    counts = {"int4": 0, "int8": 0}
+    threads = torch.get_num_threads()
+    # One thread: these elementwise passes are memory-bound, and torch's multi-threaded ones stall
+    # badly when the cores are oversubscribed (the same reason dequant.py uses numpy).
+    torch.set_num_threads(1)
+    try:
+        for sub in module.modules():
+            if isinstance(sub, Linear):
+                sub.quantize(mode)
+                counts["int8" if isinstance(sub.quant, Int8Weight) else "int4"] += 1
+    finally:
+        torch.set_num_threads(threads)
+    return counts
 
 
-def _best_time(fn: Callable[[], torch.Tensor], repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def enable_int8(module: nn.Module) -> int:
+    """Give every `Linear` under `module` int8 weights; returns how many were converted."""
+    return quantize_linears(module, "int8")["int8"]

@@ -75,32 +75,11 @@ class LLMExpert:
         from dataclasses import replace
 
         prompts = [self._prompt(r.prompt) for r in requests]
-        outs = []
         # One engine batch: requests with different seeds still run together (seed is per request).
-        ids = [self.llm._add(p, replace(self.params, seed=(r.seed if self.params.temperature > 0 else None)))
-               for p, r in zip(prompts, requests, strict=True)]
-        finals = _drain(self.llm, ids)
-        for rid in ids:
-            out = finals[rid]
-            outs.append(ExpertAnswer(out.outputs[0].text, len(out.prompt_token_ids or []),
-                                     len(out.outputs[0].token_ids)))
-        return outs
-
-
-def _drain(llm: LLM, ids: list[str]) -> dict[str, Any]:
-    from mixserve.llm import _accumulator, _merge
-
-    pending, finals = set(ids), {}  # type: set[str], dict[str, Any]
-    while pending:
-        for delta in llm.engine.step():
-            if delta.request_id not in pending:
-                continue
-            finals[delta.request_id] = _merge(finals.get(delta.request_id) or _accumulator(delta), delta)
-            if delta.finished:
-                pending.discard(delta.request_id)
-        if pending and not llm.engine.has_unfinished():
-            raise RuntimeError(f"engine went idle with requests unfinished: {sorted(pending)}")
-    return finals
+        finals = self.llm.generate(prompts, [replace(self.params, seed=(r.seed if self.params.temperature > 0
+                                                                          else None)) for r in requests])
+        return [ExpertAnswer(out.outputs[0].text, len(out.prompt_token_ids or []), len(out.outputs[0].token_ids))
+                for out in finals]
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -124,6 +125,24 @@ def check_layer_range(start: int, end: int, num_layers: int, kv_caches: list[KVC
     if not 0 <= start < end <= num_layers or len(kv_caches) != end - start:
         raise ValueError(f"layers [{start}, {end}) of a {num_layers}-layer model need "
                          f"{max(end - start, 0)} KV caches, got {len(kv_caches)}")
+
+
+def run_blocks(blocks: torch.nn.ModuleList, rotary: Any, hidden: torch.Tensor, positions: torch.Tensor,
+               meta: AttentionMetadata, kv_caches: list[KVCache], start: int, end: int,
+               *extra: object) -> torch.Tensor:
+    """Blocks `[start, end)` of a family on `hidden`, the RoPE table computed once for the stage and
+    shared by its blocks; `extra` goes to every block after the metadata (MoE: provider, observer).
+    The caller checks the range (`check_layer_range`)."""
+    cos_sin = rotary.cos_sin(positions)
+    for layer, kv_cache in zip(islice(blocks, start, end), kv_caches):
+        hidden = layer(hidden, cos_sin, kv_cache, meta, *extra)
+    return hidden  # [num_tokens, hidden_size]
+
+
+def whole_model(lm: CausalLM, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache], num_layers: int) -> torch.Tensor:
+    """Embedding, every block, head: `[num_tokens, vocab_size]` float32 logits of every token."""
+    return lm.head(lm.forward_layers(lm.embed(input_ids), positions, meta, kv_caches, 0, num_layers))
 
 
 class WeightError(ValueError):

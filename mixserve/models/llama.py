@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import islice
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,9 @@ from mixserve.layers.attention import Attention, AttentionMetadata, KVCache
 from mixserve.layers.linear import Linear
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
-from mixserve.models.base import KVCacheSpec, WeightError, check_layer_range
+from mixserve.models.decoder import DecoderLM
 from mixserve.models.hf_config import attention_shape, require, require_silu, rope
-from mixserve.models.weights import Splits, copy_into, fused_targets
+from mixserve.models.weights import dense_splits, load_dense_weights
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -143,53 +142,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(DecoderLM):
     """Llama/Mistral over the paged KV cache (the `CausalLM` contract of `models/base.py`)."""
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
-        super().__init__()
-        self.args = args = LlamaArgs.from_hf(hf_config)
-        self.model = LlamaModel(args)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = cast(nn.Parameter, self.model.embed_tokens.weight)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-
-    def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                       kv_caches: list[KVCache], start: int, end: int) -> torch.Tensor:
-        check_layer_range(start, end, self.args.num_hidden_layers, kv_caches)
-        cos_sin = self.model.rotary.cos_sin(positions)  # once per stage, shared by its layers
-        for layer, kv_cache in zip(islice(self.model.layers, start, end), kv_caches):
-            hidden = layer(hidden, cos_sin, kv_cache, meta)
-        return hidden  # [num_tokens, hidden_size]
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden)).float()  # [n, vocab_size]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache]) -> torch.Tensor:
-        """The whole model: `[num_tokens, vocab_size]` float32 logits of every token."""
-        hidden = self.forward_layers(self.embed(input_ids), positions, meta, kv_caches,
-                                     0, self.args.num_hidden_layers)
-        return self.head(hidden)
-
-    def kv_cache_spec(self) -> KVCacheSpec:
-        a = self.args
-        return KVCacheSpec.uniform(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
+        args = LlamaArgs.from_hf(hf_config)
+        super().__init__(args, LlamaModel(args))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF tensors in; q/k/v and gate/up land in row ranges of the fused projections."""
-        q, kv, inter = self.args.num_attention_heads * self.args.head_dim, \
-            self.args.num_key_value_heads * self.args.head_dim, self.args.intermediate_size
-        fused: Splits = {"qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
-                 "gate_up_proj": [("gate_proj", inter), ("up_proj", inter)]}
-        targets = fused_targets(self, fused)
-        tied = self.args.tie_word_embeddings  # HF drops (or ignores) lm_head.weight when tied
-        for name, tensor in weights:
-            if name.endswith("inv_freq") or (tied and name == "lm_head.weight"):
-                continue
-            copy_into(targets, name, tensor)
-        if targets:
-            raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")
+        a = self.args
+        load_dense_weights(self, weights, dense_splits(a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                                                       a.intermediate_size), a.tie_word_embeddings)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from mixserve.layers.linear import Linear
 from mixserve.layers.moe import GatedMLP, MoE
 from mixserve.layers.norm import RMSNorm
 from mixserve.layers.rotary import RotaryEmbedding
-from mixserve.models.base import KVCacheSpec, check_layer_range
+from mixserve.models.decoder import MoEDecoderLM
 from mixserve.models.hf_config import attention_shape, num_experts, require, require_silu, rope, sparse_layer_ids
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
@@ -184,64 +183,13 @@ EXPERT_NAMES = ExpertNames("mlp", "gate_proj", "up_proj", "down_proj")
 """Where this family's checkpoints keep expert tensors (also the GGUF expert names)."""
 
 
-class Qwen2MoeForCausalLM(nn.Module):
-    """Qwen2-MoE over the paged KV cache (the `CausalLM` contract of `models/base.py`).
-
-    `experts` is the `ExpertProvider` every MoE layer borrows weights from (an all-resident
-    `InMemoryExpertProvider`, filled by `load_weights`, until `set_expert_provider`); a
-    `RoutingObserver` set with `set_routing_observer` sees every routing decision. Both live in
-    `expert_slot` (`layers/expert_slot.py`).
-    """
+class Qwen2MoeForCausalLM(MoEDecoderLM):
+    """Qwen2-MoE over the paged KV cache (the `CausalLM` contract of `models/base.py`)."""
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
-        super().__init__()
-        self.args = args = Qwen2MoeArgs.from_hf(hf_config)
-        self.model = Qwen2MoeModel(args)
-        self.lm_head = Linear(args.hidden_size, args.vocab_size)
-        if args.tie_word_embeddings:
-            tied = self.model.embed_tokens.weight
-            assert isinstance(tied, nn.Parameter)
-            self.lm_head.weight = tied
-        self.expert_slot = ExpertSlot(list(args.moe_layer_ids), args.num_experts, args.hidden_size,
-                                      args.moe_intermediate_size)
-
-    @property
-    def experts(self) -> ExpertProvider:
-        return self.expert_slot.provider
-
-    def set_expert_provider(self, provider: ExpertProvider) -> None:
-        self.expert_slot.set_provider(provider)
-
-    def set_routing_observer(self, observer: RoutingObserver | None) -> None:
-        self.expert_slot.observer = observer
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-
-    def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                       kv_caches: list[KVCache], start: int, end: int) -> torch.Tensor:
-        """Blocks `[start, end)`; the routing observer's step begins with the range that starts at 0."""
-        check_layer_range(start, end, self.args.num_hidden_layers, kv_caches)
-        slot = self.expert_slot
-        observer = slot.begin_step(positions, meta.query_lens) if start == 0 else slot.observer
-        cos_sin = self.model.rotary.cos_sin(positions)  # once per stage, shared by its layers
-        for layer, kv_cache in zip(islice(self.model.layers, start, end), kv_caches):
-            hidden = layer(hidden, cos_sin, kv_cache, meta, self.experts, observer)
-        return hidden  # [num_tokens, hidden_size]
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden)).float()  # [n, vocab_size]
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache]) -> torch.Tensor:
-        """The whole model: `[num_tokens, vocab_size]` float32 logits of every token."""
-        hidden = self.forward_layers(self.embed(input_ids), positions, meta, kv_caches,
-                                     0, self.args.num_hidden_layers)
-        return self.head(hidden)
-
-    def kv_cache_spec(self) -> KVCacheSpec:
-        a = self.args
-        return KVCacheSpec.uniform(a.num_hidden_layers, a.num_key_value_heads, a.head_dim)
+        args = Qwen2MoeArgs.from_hf(hf_config)
+        slot = ExpertSlot(list(args.moe_layer_ids), args.num_experts, args.hidden_size, args.moe_intermediate_size)
+        super().__init__(args, Qwen2MoeModel(args), slot)
 
     expert_key = staticmethod(EXPERT_NAMES.key)
     """Where HF tensor `name` goes among the expert weights; None if it is not an expert tensor."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -44,3 +46,23 @@ def copy_into(targets: dict[str, torch.Tensor], name: str, tensor: torch.Tensor)
     if dst.shape != tensor.shape:
         raise WeightError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
     dst.copy_(tensor)
+
+
+def dense_splits(num_heads: int, num_kv_heads: int, head_dim: int, intermediate_size: int) -> Splits:
+    """The fused projections of a dense block: q/k/v and gate/up."""
+    q, kv = num_heads * head_dim, num_kv_heads * head_dim
+    return {"qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
+            "gate_up_proj": [("gate_proj", intermediate_size), ("up_proj", intermediate_size)]}
+
+
+def load_dense_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], fused: Splits,
+                       tied: bool) -> None:
+    """Copy HF tensors into `module`, fused projections by row range; a tied LM head's tensor is
+    skipped (HF drops or ignores it). Raises WeightError naming what is missing or mismatched."""
+    targets = fused_targets(module, fused)
+    for name, tensor in weights:
+        if name.endswith("inv_freq") or (tied and name == "lm_head.weight"):
+            continue
+        copy_into(targets, name, tensor)
+    if targets:
+        raise WeightError(f"checkpoint is missing {len(targets)} tensor(s), e.g. {sorted(targets)[:3]}")

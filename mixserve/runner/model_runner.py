@@ -22,6 +22,7 @@ from mixserve.models.base import CausalLM, KVCacheSpec
 from mixserve.runner.batch import build_group
 from mixserve.runner.stage import StageBoundary, batch_order
 from mixserve.sample import Sampler, SamplingRow, prompt_logprobs
+from mixserve.structured.constraints import Constraints, StepMasks
 
 
 def kv_bytes_per_block(spec: KVCacheSpec, block_size: int, dtype: torch.dtype) -> int:
@@ -41,7 +42,8 @@ class TorchModelRunner:
     """Executes scheduled steps on the layers `[start, end)` of a `CausalLM` (`layers`, default all)."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 eos_token_ids: tuple[int, ...], seed: int = 0, layers: tuple[int, int] | None = None) -> None:
+                 eos_token_ids: tuple[int, ...], seed: int = 0, layers: tuple[int, int] | None = None,
+                 constraints: Constraints | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.dtype = dtype
@@ -53,6 +55,8 @@ class TorchModelRunner:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(torch.Generator().manual_seed(seed))
         self.generators: dict[str, torch.Generator] = {}
+        self.constraints = constraints
+        """Structured-output states of live requests (None: constraints are rejected per request)."""
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput | StageBoundary) -> RunnerOutput:
@@ -64,6 +68,8 @@ class TorchModelRunner:
         out = step.step if isinstance(step, StageBoundary) else step
         for rid in out.finished_request_ids:
             self.generators.pop(rid, None)
+        if self.constraints is not None:
+            self.constraints.free(out.finished_request_ids)
         seqs, hidden = self._run(step)
         return self._sample(seqs, hidden)
 
@@ -159,14 +165,34 @@ class TorchModelRunner:
                 logits[first:first + count], nexts, num_logprobs)
         if sample_seqs:
             sample_logits = logits[len(rows) - len(sample_seqs):]
-            sampled = self.sampler(sample_logits, [self._row(s) for s in sample_seqs])
+            masks = self._masks(sample_seqs)
+            sampled = self.sampler(sample_logits, [self._row(s, masks.allowed.get(s.request_id))
+                                                   for s in sample_seqs])
             for seq, token, lp in zip(sample_seqs, sampled.token_ids, sampled.logprobs):
+                error = masks.errors.get(seq.request_id)
+                if error is None and seq.request_id in masks.allowed:
+                    assert self.constraints is not None
+                    error = self.constraints.accept(seq.request_id, token)
+                if error is not None:
+                    result.errors[seq.request_id] = error
+                    continue
                 result.sampled[seq.request_id] = token
                 if lp is not None:
                     result.logprobs[seq.request_id] = lp
         return result
 
-    def _row(self, seq: ScheduledSeq) -> SamplingRow:
+    def _masks(self, seqs: list[ScheduledSeq]) -> StepMasks:
+        """Allowed tokens of the constrained rows, their states synced to the rows' outputs."""
+        rows = [(s.request_id, s.spec.params.structured, s.output_token_ids) for s in seqs
+                if s.spec.params.structured is not None]
+        if not rows:
+            return StepMasks()
+        if self.constraints is None:
+            return StepMasks(errors={rid: "structured output is not available: this runner has no "
+                                          "tokenizer for constraints" for rid, _, _ in rows})
+        return self.constraints.masks(rows)  # type: ignore[arg-type]
+
+    def _row(self, seq: ScheduledSeq, allowed: torch.Tensor | None = None) -> SamplingRow:
         """The sampler's row for a sequence; its generator is seeded once with the spec's seed."""
         spec = seq.spec
         generator = None
@@ -177,4 +203,4 @@ class TorchModelRunner:
                 self.generators[seq.request_id] = generator
         return SamplingRow(params=spec.params, prompt_token_ids=seq.prompt_token_ids,
                            output_token_ids=seq.output_token_ids, generator=generator,
-                           suppress_token_ids=spec.suppress_token_ids)
+                           suppress_token_ids=spec.suppress_token_ids, allowed=allowed)

@@ -64,6 +64,8 @@ class SamplingRow:
     """Per-request generator when `params.seed` is set, else None (the sampler's default is used)."""
     suppress_token_ids: tuple[int, ...] = ()
     """Ids that must not be sampled this step, e.g. EOS/stop ids while len(output) < min_tokens."""
+    allowed: torch.Tensor | None = None
+    """bool `[vocab_size]`: only these tokens may be sampled (a structured-output constraint); None: all."""
 
 
 @dataclass
@@ -97,7 +99,8 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         vocab_size = logits.shape[1]
-        if all(row_kind(r.params, vocab_size) == GREEDY and not needs_penalties(r) for r in rows):
+        if all(row_kind(r.params, vocab_size) == GREEDY and not needs_penalties(r) and r.allowed is None
+               for r in rows):
             token_ids = argmax_rows(logits).tolist()  # fast path: nothing to modify
         else:
             token_ids = self._sample(logits, rows)
@@ -115,6 +118,9 @@ class Sampler:
         _fill_scaled(z, logits, order, inv_temperature)
         if any(needs_penalties(r) for r in rows):
             apply_penalties(z, ordered, inv_temperature)
+        for j, row in enumerate(ordered):
+            if row.allowed is not None:  # a constraint: every other token gets -inf, before any filter
+                z[j].masked_fill_(row.allowed.logical_not(), float("-inf"))
         num_random = num_seqs - kinds.count(GREEDY)
         tokens = torch.empty(num_seqs, dtype=torch.long)
         if num_random < num_seqs:

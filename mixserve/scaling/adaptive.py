@@ -52,7 +52,7 @@ class AdaptiveConsistency:
         self._cancelled = False
 
     @property
-    def strategy_id(self) -> str:
+    def controller_id(self) -> str:
         return self.t.strategy_id
 
     def owns(self, request_id: str) -> bool:

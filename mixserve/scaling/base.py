@@ -1,25 +1,23 @@
 """The `Strategy` seam: an event-driven controller over the public engine API.
 
-A strategy never calls `engine.step()`. Whoever owns the engine loop (the sync driver in `driver.py`,
-`LLM.scale`, the eval harness or the server's engine thread) calls `start(engine)` once, then hands
-every delta of a request the strategy `owns` to `on_output(engine, out)` between steps, until `done`.
-Inside those calls a strategy may add, fork, abort and release requests; every request id it creates
-starts with its `strategy_id` + "/" (so `owns` is a prefix test and ids never collide).
+A strategy never calls `engine.step()`. It is a `Controller` of the engine's `Dispatcher`
+(engine/dispatcher.py): whoever owns the engine loop (the sync driver in `driver.py`, `LLM.scale`, the
+eval harness or the server's engine thread) starts it through the dispatcher, which hands it every
+delta of its requests between steps until `done`. Inside those calls a strategy may add, fork, abort
+and release requests; every request id it creates starts with its `controller_id` + "/" (so routing
+and `owns` are a prefix test and ids never collide).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from mixserve.config import FieldError
+from mixserve.engine.dispatcher import Controller
 from mixserve.sampling_params import SamplingParams
 from mixserve.scaling.accounting import ComputeUsage
-
-if TYPE_CHECKING:
-    from mixserve.engine.engine import Engine
-    from mixserve.outputs import RequestOutput
 
 
 class ScalingError(FieldError):
@@ -125,22 +123,10 @@ class ScaleConfig:
                 self.confidence_top_logprobs, "must be in [1, 20]")
 
 
-class Strategy(Protocol):
-    """An inference-time scaling algorithm driven by engine outputs (see the module doc)."""
-
-    @property
-    def strategy_id(self) -> str: ...
-
-    def start(self, engine: Engine) -> None: ...
-
-    def on_output(self, engine: Engine, out: RequestOutput) -> None: ...
+class Strategy(Controller, Protocol):
+    """An inference-time scaling algorithm: a `Controller` (engine/dispatcher.py) whose request ids are
+    `{controller_id}/...` and whose result is a `ScaleResult` (see the module doc)."""
 
     def owns(self, request_id: str) -> bool: ...
-
-    @property
-    def done(self) -> bool: ...
-
-    def cancel(self, engine: Engine) -> None:
-        """Abort and release everything still in flight (client gone); `done` becomes True."""
 
     def result(self) -> ScaleResult: ...

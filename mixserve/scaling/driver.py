@@ -1,43 +1,50 @@
-"""The tiny synchronous driver: the only place (besides the server's engine thread) that steps the
-engine on behalf of strategies. Many strategies can share one engine and run batched together."""
+"""The tiny synchronous driver: runs strategies to completion on an engine's `Dispatcher`.
+
+Many strategies can share one engine and run batched together; outputs of other owners on the same
+dispatcher (an `LLM.stream`, plain requests) keep flowing to them while the strategies run."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
+from mixserve.engine.dispatcher import Dispatcher, run_until
+from mixserve.engine.engine import Engine
 from mixserve.scaling.base import ScaleResult, Strategy
 
-if TYPE_CHECKING:
-    from mixserve.engine.engine import Engine
 
-
-def run_strategies(engine: Engine, strategies: Sequence[Strategy],
+def run_strategies(target: Engine | Dispatcher, strategies: Sequence[Strategy],
                    on_done: Callable[[int, ScaleResult], None] | None = None) -> list[ScaleResult]:
-    """Start every strategy, feed each the deltas it owns until all are done; results in order."""
-    by_id = {s.strategy_id: i for i, s in enumerate(strategies)}
+    """Start every strategy, step until all are done; results in order. The first strategy that
+    fails raises here (after the others were stopped and their requests freed)."""
+    dispatcher = target if isinstance(target, Dispatcher) else Dispatcher(target)
     results: list[ScaleResult | None] = [None] * len(strategies)
+    errors: list[BaseException] = []
 
-    def collect(i: int) -> None:
-        if results[i] is None and strategies[i].done:
-            results[i] = strategies[i].result()
+    def finisher(i: int) -> Callable[[Any, BaseException | None], None]:
+        def finish(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                errors.append(error)
+                return
+            results[i] = result
             if on_done is not None:
-                on_done(i, results[i])  # type: ignore[arg-type]
+                on_done(i, result)
+        return finish
 
-    for i, s in enumerate(strategies):
-        s.start(engine)
-        collect(i)
-    while any(r is None for r in results):
-        if not engine.has_unfinished():
-            stuck = [s.strategy_id for s, r in zip(strategies, results, strict=True) if r is None]
-            raise RuntimeError(f"engine went idle while strategies wait: {stuck}")
-        for out in engine.step():
-            j = by_id.get(out.request_id.split("/", 1)[0])
-            if j is not None and results[j] is None and strategies[j].owns(out.request_id):
-                strategies[j].on_output(engine, out)
-                collect(j)
+    try:
+        for i, s in enumerate(strategies):
+            dispatcher.start(s, finisher(i))
+            if errors:
+                raise errors[0]
+        run_until(dispatcher, lambda: bool(errors) or all(r is not None for r in results), "strategies")
+        if errors:
+            raise errors[0]
+    finally:
+        for s, r in zip(strategies, results):
+            if r is None:
+                dispatcher.drop(s, RuntimeError("stopped"))
     return [r for r in results if r is not None]
 
 
-def run_strategy(engine: Engine, strategy: Strategy) -> ScaleResult:
-    return run_strategies(engine, [strategy])[0]
+def run_strategy(target: Engine | Dispatcher, strategy: Strategy) -> ScaleResult:
+    return run_strategies(target, [strategy])[0]

@@ -7,7 +7,6 @@ coverage curve: the unbiased pass@k over the N samples of each problem, for ever
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from mixserve.scaling.base import ScaleConfig, ScalingError
 from mixserve.scaling.driver import run_strategies
 from mixserve.scaling.metrics import mean_pass_at_k
 from mixserve.scaling.registry import NEEDS_VERIFIER, STRATEGIES, VERIFIERS, make_strategy, make_verifier
-from mixserve.scaling.tasks import TASKS, Problem, Task, get_task
+from mixserve.scaling.tasks import Problem, Task, get_task
 
 
 @dataclass(frozen=True)
@@ -29,17 +28,27 @@ class EvalConfig:
     """One evaluation run (validated on construction)."""
 
     task: str = "arithmetic"
+    """Generated task with an exact verifier (see `mixserve.scaling.TASKS`)."""
     strategies: tuple[str, ...] = ("sample", "majority", "bon", "bom")
+    """Strategies to compare (see `mixserve.scaling.STRATEGIES`)."""
     budgets: tuple[int, ...] = (1, 2, 4, 8)
+    """Samples (or beams/particles) per problem, one run per budget."""
     num_problems: int = 8
+    """Problems generated for the run."""
     difficulty: int = 1
+    """Task difficulty, 1 (easiest) to 5."""
     seed: int = 0
+    """Seed of problem generation and sampling."""
     verifier: str = "auto"
     """auto: judge for outcome strategies, oracle_prm for search when the task has one (else judge)."""
     max_tokens: int = 96
+    """Tokens per sample."""
     temperature: float = 0.7
+    """Sampling temperature."""
     max_steps: int = 6
+    """Step-level search depth (beam, pf)."""
     out_dir: str = "benchmarks/results/scaling"
+    """Folder for the JSON and PNG plots."""
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -118,36 +127,6 @@ def evaluate(engine: Any, tokenizer: Any, config: EvalConfig, cost: ModelCost | 
             bar.set_postfix(strategy=strategy, budget=budget, acc=f"{rows[-1]['accuracy']:.2f}")
             bar.update(1)
     return rows
-
-
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation")
-    d = EvalConfig()
-    g.add_argument("--task", default=d.task, help="one of: " + ", ".join(TASKS))
-    g.add_argument("--strategies", default=",".join(d.strategies), help=f"comma list of {', '.join(STRATEGIES)}")
-    g.add_argument("--budgets", default=",".join(map(str, d.budgets)), help="comma list of budgets")
-    g.add_argument("--num-problems", type=int, default=d.num_problems)
-    g.add_argument("--difficulty", type=int, default=d.difficulty, help="1 (easiest) .. 5")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--verifier", default=d.verifier, help=f"auto or one of {', '.join(VERIFIERS)}")
-    g.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    g.add_argument("--temperature", "-t", type=float, default=d.temperature)
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help="step-level search depth")
-    g.add_argument("--out", default=d.out_dir, help="folder for the JSON and PNG plots")
-
-
-def eval_config(args: argparse.Namespace) -> EvalConfig:
-    def ints(text: str, name: str) -> tuple[int, ...]:
-        try:
-            return tuple(int(x) for x in text.split(",") if x.strip())
-        except ValueError:
-            raise ScalingError(f"invalid {name}={text!r}: expected comma-separated integers", field=name) from None
-
-    return EvalConfig(task=args.task, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
-                      budgets=ints(args.budgets, "budgets"), num_problems=args.num_problems,
-                      difficulty=args.difficulty, seed=args.seed, verifier=args.verifier,
-                      max_tokens=args.max_tokens, temperature=args.temperature, max_steps=args.max_steps,
-                      out_dir=args.out)
 
 
 def run_eval(llm: Any, config: EvalConfig, model_name: str) -> int:

@@ -24,7 +24,7 @@ class FirstFinish:
         self._cancelled = False
 
     @property
-    def strategy_id(self) -> str:
+    def controller_id(self) -> str:
         return self.t.strategy_id
 
     def owns(self, request_id: str) -> bool:

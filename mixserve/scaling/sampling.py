@@ -36,7 +36,7 @@ class SampleAndSelect:
         self._cancelled = False
 
     @property
-    def strategy_id(self) -> str:
+    def controller_id(self) -> str:
         return self.t.strategy_id
 
     def owns(self, request_id: str) -> bool:
@@ -56,7 +56,7 @@ class SampleAndSelect:
             self.candidates[index] = self.t.candidate(index, sample)
             if self.t.verifier is None:
                 continue
-            key = self.keys[index] = f"{self.strategy_id}/k{index}"
+            key = self.keys[index] = f"{self.controller_id}/k{index}"
             source = (sample.request_id, index) if self.t.verifier.needs_context else None
             self.t.score(engine, key, sample.text, True, [*self.t.prompt_ids, *sample.token_ids], source)
             if source is not None:

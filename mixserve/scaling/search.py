@@ -65,7 +65,7 @@ class StepSearch:
         self._done = False
 
     @property
-    def strategy_id(self) -> str:
+    def controller_id(self) -> str:
         return self.t.strategy_id
 
     def owns(self, request_id: str) -> bool:

@@ -19,17 +19,19 @@ from mixserve.server.serving import (
     RunStreamingResponse,
     ServerState,
     collect,
-    new_id,
     scaled_response,
     stream_frames,
 )
+from mixserve.server.structured import ToolPlan, tool_plan
+from mixserve.structured.tools import ToolCall, ToolCallStream, parse_tool_calls
 
 
 class _Shape:
-    def __init__(self, state: ServerState, body: ChatCompletionRequest, run: Run) -> None:
-        self.state, self.body, self.run = state, body, run
+    def __init__(self, state: ServerState, body: ChatCompletionRequest, run: Run, plan: ToolPlan) -> None:
+        self.state, self.body, self.run, self.plan = state, body, run, plan
         self.created = int(time.time())
         self.k = (body.top_logprobs or 0) if body.logprobs else None
+        self.streams: dict[int, ToolCallStream] = {}
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.run.request_id, "object": obj, "created": self.created,
@@ -39,10 +41,23 @@ class _Shape:
         return None if self.k is None else chat_logprobs(token_ids, entries, self.k, self.state.token_text)
 
     def full(self, choice: Choice) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": choice.text, "tool_calls": [],
-                   "reasoning_content": None}
+        content: str | None = choice.text
+        calls: list[ToolCall] = []
+        if self.plan.active:
+            content, calls = parse_tool_calls(choice.text, self.plan.tools)
+        message: dict[str, Any] = {"role": "assistant", "content": content,
+                                   "tool_calls": [c.as_dict() for c in calls], "reasoning_content": None}
         return {"index": choice.index, "message": message,
-                "logprobs": self.logprobs(choice.token_ids, choice.logprobs), **finish_fields(choice)}
+                "logprobs": self.logprobs(choice.token_ids, choice.logprobs),
+                **self._finish(choice, bool(calls))}
+
+    @staticmethod
+    def _finish(choice: Choice, called: bool) -> dict[str, Any]:
+        """OpenAI's finish reason: `tool_calls` when a sample that stopped normally made calls."""
+        fields = finish_fields(choice)
+        if called and fields["finish_reason"] == "stop":
+            fields["finish_reason"] = "tool_calls"
+        return fields
 
     def first(self) -> list[dict[str, Any]]:
         """The role delta, once per choice, before any content."""
@@ -57,10 +72,19 @@ class _Shape:
             if not part.text and not part.token_ids and part.finish_reason is None:
                 continue
             choice = self.run.choice(0, part.index)
-            body: dict[str, Any] = {"index": part.index, "delta": {"content": part.text} if part.text else {},
+            change: dict[str, Any] = {"content": part.text} if part.text else {}
+            called = False
+            if self.plan.active:
+                stream = self.streams.setdefault(part.index, ToolCallStream(self.plan.tools))
+                content, calls = stream.push(part.text, final=part.finish_reason is not None)
+                change = {"content": content} if content else {}
+                if calls:
+                    change["tool_calls"] = calls
+                called = bool(stream.calls)
+            body: dict[str, Any] = {"index": part.index, "delta": change,
                                     "logprobs": self.logprobs(list(part.token_ids), list(part.logprobs or []))}
             if part.finish_reason is not None:
-                body.update(finish_fields(choice))
+                body.update(self._finish(choice, called))
             else:
                 body["finish_reason"] = None
             out.append({**self.head("chat.completion.chunk"), "choices": [body]})
@@ -70,12 +94,16 @@ class _Shape:
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, request: Request) -> Any:
     state.ready()
     assert state.limits is not None
-    prompt = await offload(chat_prompt, body, state.tokenizer)
-    params = chat_params(body, prompt, state.limits)
+    plan = tool_plan(body)
+    if body.strategy is not None and plan.active:
+        raise ApiError(400, "invalid field strategy: cannot be combined with tools (send tool_choice='none')",
+                       param="strategy")
+    prompt = await offload(chat_prompt, body, state.tokenizer, plan)
+    params = chat_params(body, prompt, state.limits, plan)
     if body.strategy is not None:
         return await scaled_response(state, body, [prompt], params, "chat.completion")
-    run = Run(state, new_id("chatcmpl"), [prompt], params)
-    shape = _Shape(state, body, run)
+    run = Run(state, "chatcmpl", [prompt], params)
+    shape = _Shape(state, body, run, plan)
     if body.stream:
         async def last() -> list[dict[str, Any]]:
             if body.stream_options is None or not body.stream_options.include_usage:

@@ -19,7 +19,6 @@ from mixserve.server.serving import (
     RunStreamingResponse,
     ServerState,
     collect,
-    new_id,
     scaled_response,
     stream_frames,
 )
@@ -88,7 +87,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     params, score_only = completion_params(body, prompts, engine_limits)
     if body.strategy is not None:
         return await scaled_response(state, body, prompts, params, "text_completion")
-    run = Run(state, new_id("cmpl"), prompts, params)
+    run = Run(state, "cmpl", prompts, params)
     shape = _Shape(state, body, run, score_only)
     if body.stream:
         async def last() -> list[dict[str, Any]]:

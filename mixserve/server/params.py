@@ -11,6 +11,9 @@ from typing import Any
 from mixserve.sampling_params import SamplingParams
 from mixserve.server.errors import ApiError, as_api_error
 from mixserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, _Sampling
+from mixserve.server.structured import ToolPlan, request_structured
+from mixserve.structured.spec import StructuredOutput
+from mixserve.structured.tools import template_knows_tools, tool_messages_as_text
 
 
 @dataclass(frozen=True)
@@ -73,14 +76,21 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.name is not None:
             msg["name"] = m.name
+        if m.tool_calls is not None:
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
 
 
-def chat_prompt(body: ChatCompletionRequest, tokenizer: Any) -> Prompt:
-    _reject_unsupported_chat(body)
+def chat_prompt(body: ChatCompletionRequest, tokenizer: Any, plan: ToolPlan | None = None) -> Prompt:
     messages = chat_messages(body.messages)
     kwargs = dict(body.chat_template_kwargs or {})
+    if plan is not None and plan.active and template_knows_tools(tokenizer.chat_template):
+        kwargs["tools"] = body.tools
+    elif any("tool_calls" in m or m["role"] == "tool" for m in messages) or (plan is not None and plan.active):
+        messages = tool_messages_as_text(messages, plan.tools if plan is not None and plan.active else [])
     add_generation_prompt = body.add_generation_prompt and not body.continue_final_message
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
@@ -96,19 +106,9 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: Any) -> Prompt:
     return Prompt(tokenizer.encode(text, add_special_tokens=False), text)
 
 
-def _reject_unsupported_chat(body: ChatCompletionRequest) -> None:
-    if body.tools and body.tool_choice != "none":
-        raise ApiError(400, "invalid field tools: tool calling is not supported by this server yet; "
-                       "send tool_choice='none' or leave tools out", param="tools")
-    fmt = (body.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise ApiError(400, f"invalid field response_format: type {fmt!r} is not supported (only 'text')",
-                       param="response_format")
-
-
 def sampling_params(body: _Sampling, *, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None, limits: Limits, num_prompts: int,
-                    longest_prompt: int) -> SamplingParams:
+                    longest_prompt: int, structured: StructuredOutput | None = None) -> SamplingParams:
     """SamplingParams for every prompt of the request; ranges are checked by SamplingParams itself."""
     bias = _logit_bias(body.logit_bias, limits.vocab_size)
     _check_num_seqs(body, num_prompts, limits)
@@ -129,7 +129,7 @@ def sampling_params(body: _Sampling, *, max_tokens: int | None, logprobs: int | 
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=body.skip_special_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output, logit_bias=bias)
+            include_stop_str_in_output=body.include_stop_str_in_output, logit_bias=bias, structured=structured)
     except Exception as exc:  # noqa: BLE001 - SamplingError names the field
         raise as_api_error(exc) from exc
 
@@ -185,11 +185,13 @@ def completion_params(body: CompletionRequest, prompts: list[Prompt], limits: Li
         max_tokens = limits.max_model_len - longest
     echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=echo_logprobs,
-                             limits=limits, num_prompts=len(prompts), longest_prompt=longest)
+                             limits=limits, num_prompts=len(prompts), longest_prompt=longest,
+                             structured=request_structured(body))
     return params, score_only
 
 
-def chat_params(body: ChatCompletionRequest, prompt: Prompt, limits: Limits) -> SamplingParams:
+def chat_params(body: ChatCompletionRequest, prompt: Prompt, limits: Limits,
+                plan: ToolPlan | None = None) -> SamplingParams:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if max_tokens is not None and max_tokens < 1:
@@ -202,4 +204,5 @@ def chat_params(body: ChatCompletionRequest, prompt: Prompt, limits: Limits) -> 
     check_token_ids([prompt], limits)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=None, limits=limits,
-                           num_prompts=1, longest_prompt=len(prompt.token_ids))
+                           num_prompts=1, longest_prompt=len(prompt.token_ids),
+                           structured=request_structured(body, plan))

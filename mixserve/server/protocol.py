@@ -61,6 +61,17 @@ class _Sampling(_Body):
     """mixserve: the strategy's sample budget (1..1024)."""
     verifier: str | None = None
     """mixserve: the verifier a strategy scores samples with."""
+    # structured outputs (vLLM's extra fields); at most one constraint per request
+    guided_json: dict[str, Any] | str | None = None
+    """vLLM: constrain the output to this JSON schema."""
+    guided_regex: str | None = None
+    """vLLM: constrain the output to this regular expression."""
+    guided_choice: list[str] | None = None
+    """vLLM: the output is exactly one of these strings."""
+    guided_grammar: str | None = None
+    """vLLM: constrain the output to this Lark or GBNF grammar."""
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM: `{"json": schema} | {"regex": ...} | {"choice": [...]} | {"grammar": ...} | {"json_object": true}`."""
 
 
 class CompletionRequest(_Sampling):
@@ -78,6 +89,10 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant message's calls (OpenAI shape), shown to the model in the history."""
+    tool_call_id: str | None = None
+    """A tool message: the id of the call it answers."""
 
 
 class ChatCompletionRequest(_Sampling):
@@ -91,6 +106,7 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
 
 

@@ -11,7 +11,7 @@ from mixserve.sampling_params import SamplingParams
 from mixserve.scaling import ModelCost, ScalingError, make_strategy
 from mixserve.server.errors import ApiError
 from mixserve.server.params import Prompt
-from mixserve.server.serving import ServerState, new_id
+from mixserve.server.serving import ServerState
 
 
 def make_scaling_hook(cost: ModelCost | None) -> Any:
@@ -21,7 +21,8 @@ def make_scaling_hook(cost: ModelCost | None) -> Any:
         engine = state.ready()
         try:
             strategy = make_strategy(body.strategy, prompt.token_ids, body.budget, params, body.verifier,
-                                     state.tokenizer, cost=cost)
+                                     state.tokenizer, cost=cost,
+                                     strategy_id=engine.new_id("scale"))
         except ScalingError as exc:
             field = exc.field if exc.field in ("strategy", "budget", "verifier") else "strategy"
             raise ApiError(400, str(exc), param=field) from exc
@@ -34,7 +35,7 @@ def make_scaling_hook(cost: ModelCost | None) -> Any:
         else:
             choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish or "stop"}
             prefix = "cmpl"
-        return {"id": new_id(prefix), "object": obj, "created": int(time.time()), "model": state.model_name,
+        return {"id": engine.new_id(prefix), "object": obj, "created": int(time.time()), "model": state.model_name,
                 "choices": [choice], "usage": result.usage.openai_usage(),
                 "scaling": {"strategy": result.strategy, "answer": result.answer, "selected": list(result.selected),
                             "candidates": [{"index": c.index, "answer": c.answer, "score": c.score,

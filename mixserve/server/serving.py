@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,20 +69,17 @@ class ServerState:
         return text
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 class Run:
     """The engine requests of one HTTP request (one per prompt) and their accumulated choices."""
 
-    def __init__(self, state: ServerState, request_id: str, prompts: list[Prompt], params: SamplingParams) -> None:
+    def __init__(self, state: ServerState, kind: str, prompts: list[Prompt], params: SamplingParams) -> None:
         self.state = state
         self.engine = state.ready()
-        self.request_id = request_id
+        self.request_id = self.engine.new_id(kind)
+        """The response id; its prompts run as engine requests `{request_id}-{i}`."""
         self.prompts = prompts
         self.params = params
-        self.ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self.ids = [f"{self.request_id}-{i}" for i in range(len(prompts))]
         self.choices: dict[int, Choice] = {}
         self.cached: dict[str, int] = {}
         self.prompt_logprobs: dict[int, list[Any]] = {}

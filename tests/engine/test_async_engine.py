@@ -128,7 +128,7 @@ class TwoSamples:
     """A toy controller: two greedy requests, result = both token lists."""
 
     def __init__(self) -> None:
-        self.tokens: dict[str, list[int]] = {"c-0": [], "c-1": []}
+        self.tokens: dict[str, list[int]] = {"c/0": [], "c/1": []}
         self.finished: set[str] = set()
 
     def start(self, engine: Engine) -> None:
@@ -140,8 +140,9 @@ class TwoSamples:
         if out.finished:
             self.finished.add(out.request_id)
 
-    def owns(self, request_id: str) -> bool:
-        return request_id.startswith("c-")
+    @property
+    def controller_id(self) -> str:
+        return "c"
 
     @property
     def done(self) -> bool:
@@ -160,7 +161,7 @@ def test_controller_runs_beside_plain_requests() -> None:
         engine = make_engine()
         async with started(engine) as ae:
             result, plain = await asyncio.gather(ae.run_controller(TwoSamples()), tokens_of(ae, "p", [1, 1]))
-            assert result == {"c-0": expected([7, 8, 9], 12), "c-1": expected([7, 8, 9], 12)}
+            assert result == {"c/0": expected([7, 8, 9], 12), "c/1": expected([7, 8, 9], 12)}
             assert plain == expected([1, 1], 12)
 
     asyncio.run(main())
