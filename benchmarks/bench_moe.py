@@ -93,7 +93,34 @@ def prepare_model(args: argparse.Namespace) -> tuple[MoeShape, Path, Path]:
     pack = work / "pack"
     if not (pack / "experts.json").is_file():
         write_pack(args.model, pack, choose=dtype_plan("bfloat16"), overwrite=True)
-    return shape, args.model, pack
+    return shape, fused_bf16_experts(args.model, work / "mmap", shape), pack
+
+
+def fused_bf16_experts(model: Path, out: Path, shape: MoeShape) -> Path:
+    """The experts of `model` as the mmap baseline reads them: bf16 `mlp.experts.gate_up_proj`
+    `[E, 2*inter, hidden]` and `down_proj` `[E, hidden, inter]` (+ the pre-gate, if any)."""
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        return out
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    src = load_file(str(model / "model.safetensors"))
+    fused = {}
+    for layer in range(shape.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp.experts"
+        e = range(shape.num_experts)
+        fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([src[f"{p}.{i}.gate_proj.weight"],
+                                                             src[f"{p}.{i}.up_proj.weight"]]) for i in e])
+        fused[f"{p}.down_proj"] = torch.stack([src[f"{p}.{i}.down_proj.weight"] for i in e])
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in fused.items()}, str(out / "model.safetensors"))
+    index.write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in fused}}))
+    if (model / "pregate.safetensors").is_file():
+        shutil.copy(model / "pregate.safetensors", out / "pregate.safetensors")
+    return out
 
 
 def text_prompts(model: Path, n: int) -> tuple[list[int], list[int]]:
