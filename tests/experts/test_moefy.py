@@ -30,7 +30,7 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                    num_hidden_layers=2, intermediate_size=128, initializer_range=0.1,
-                                   tie_word_embeddings=False)
+                                   tie_word_embeddings=True)
     transformers.LlamaForCausalLM(cfg).save_pretrained(root / "dense")
     write_tokenizer(root / "dense", VOCAB)
     rng = random.Random(0)
