@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
               "targets": targets(rows, "real" if args.model else "zipf")}
     print_report(result)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    kind = args.model.name if args.model else ("quick" if args.quick else "full")
+    kind = args.model.name.replace(".", "p") if args.model else ("quick" if args.quick else "full")
     out = HERE / "results" / f"moe_{kind}_{stamp}"
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=lambda x: None))
