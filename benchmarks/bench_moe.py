@@ -13,11 +13,13 @@ at budgets of 10/25/50/100% of expert bytes, for routing from a synthetic Zipf t
 locality, inter-layer affinity; replayed through the route-source seam, identical in every run) and
 the random model's own routing ("real": near-uniform, no locality), each configuration runs in a
 fresh child process:
-  (a) ram       all experts in RAM (no limit)
+  (a) ram       all experts in RAM (no limit): the budgeted provider at 100%, every expert read up front
   (b) mmap      plain mmap of the safetensors checkpoint, under the memory limit
   (c) ondemand  read experts from the pack on every use, no cache, no prediction
   (d) lru       budgeted cache, LRU
-  (e) ours      budgeted cache, LFRU + next-layer prefetch (affinity on synthetic routes, router on real)
+  (d') lookahead budgeted cache, LFRU + next-layer prefetch (affinity on synthetic routes, router on real)
+  (e) ours      as lookahead, but with the model's pre-gating router (moefy's pregate.safetensors) when
+                it has one: every layer's experts fetched at the first MoE layer
 (b)-(e) run inside a cgroup v1 memory limit of budget + non-expert bytes + --overhead-mib (page cache
 counts), with the files' page cache dropped before each run; (c)-(e) read with O_DIRECT unless
 --buffered-io (then the page cache inside the same limit helps them as it helps mmap). It prints a
