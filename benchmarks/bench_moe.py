@@ -13,11 +13,13 @@ at budgets of 10/25/50/100% of expert bytes, for routing from a synthetic Zipf t
 locality, inter-layer affinity; replayed through the route-source seam, identical in every run) and
 the random model's own routing ("real": near-uniform, no locality), each configuration runs in a
 fresh child process:
-  (a) ram       all experts in RAM (no limit)
+  (a) ram       all experts in RAM (no limit): the budgeted provider at 100%, every expert read up front
   (b) mmap      plain mmap of the safetensors checkpoint, under the memory limit
   (c) ondemand  read experts from the pack on every use, no cache, no prediction
   (d) lru       budgeted cache, LRU
-  (e) ours      budgeted cache, LFRU + next-layer prefetch (affinity on synthetic routes, router on real)
+  (d') lookahead budgeted cache, LFRU + next-layer prefetch (affinity on synthetic routes, router on real)
+  (e) ours      as lookahead, but with the model's pre-gating router (moefy's pregate.safetensors) when
+                it has one: every layer's experts fetched at the first MoE layer
 (b)-(e) run inside a cgroup v1 memory limit of budget + non-expert bytes + --overhead-mib (page cache
 counts), with the files' page cache dropped before each run; (c)-(e) read with O_DIRECT unless
 --buffered-io (then the page cache inside the same limit helps them as it helps mmap). It prints a
@@ -93,7 +95,34 @@ def prepare_model(args: argparse.Namespace) -> tuple[MoeShape, Path, Path]:
     pack = work / "pack"
     if not (pack / "experts.json").is_file():
         write_pack(args.model, pack, choose=dtype_plan("bfloat16"), overwrite=True)
-    return shape, args.model, pack
+    return shape, fused_bf16_experts(args.model, work / "mmap", shape), pack
+
+
+def fused_bf16_experts(model: Path, out: Path, shape: MoeShape) -> Path:
+    """The experts of `model` as the mmap baseline reads them: bf16 `mlp.experts.gate_up_proj`
+    `[E, 2*inter, hidden]` and `down_proj` `[E, hidden, inter]` (+ the pre-gate, if any)."""
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        return out
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    src = load_file(str(model / "model.safetensors"))
+    fused = {}
+    for layer in range(shape.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp.experts"
+        e = range(shape.num_experts)
+        fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([src[f"{p}.{i}.gate_proj.weight"],
+                                                             src[f"{p}.{i}.up_proj.weight"]]) for i in e])
+        fused[f"{p}.down_proj"] = torch.stack([src[f"{p}.{i}.down_proj.weight"] for i in e])
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in fused.items()}, str(out / "model.safetensors"))
+    index.write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in fused}}))
+    if (model / "pregate.safetensors").is_file():
+        shutil.copy(model / "pregate.safetensors", out / "pregate.safetensors")
+    return out
 
 
 def text_prompts(model: Path, n: int) -> tuple[list[int], list[int]]:
@@ -197,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
               "targets": targets(rows, "real" if args.model else "zipf")}
     print_report(result)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    kind = args.model.name if args.model else ("quick" if args.quick else "full")
+    kind = args.model.name.replace(".", "p") if args.model else ("quick" if args.quick else "full")
     out = HERE / "results" / f"moe_{kind}_{stamp}"
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=lambda x: None))

@@ -87,7 +87,7 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any, ExpertStore]:
         top_k = int(cfg["num_experts_per_tok"])
         pregate = Path(spec["checkpoint"]) / PREGATE_FILE
         if spec["mode"] == "ours" and spec["trace"] == "real" and pregate.is_file():
-            provider.step_predictor = PreGate.load(pregate.parent, top_k)
+            provider.step_predictor = PreGate.load(pregate.parent, 2 * top_k)  # top-2k: ~97% recall
         else:
             provider.predictor = (AffinityPredictor(store.layer_ids, store.num_experts, top_k)
                                   if spec["trace"] == "zipf" else RouterLookahead(moe_routers(model), top_k))

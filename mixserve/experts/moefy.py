@@ -154,7 +154,7 @@ def moe_config(cfg: dict[str, Any], num_experts: int, top_k: int, num_shared: in
         "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": False, "hidden_act": "silu",
         "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6), "rope_theta": theta, "rope_parameters": rope_parameters,
         "max_position_embeddings": cfg.get("max_position_embeddings", 2048), "use_sliding_window": False,
-        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "tie_word_embeddings": False,
         "bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id"),
         "pad_token_id": cfg.get("pad_token_id"), "output_router_logits": False, "dtype": "float32",
     }
@@ -210,8 +210,9 @@ def moefy(config: MoefyConfig, progress: bool = True, calibrated: Calibrated | N
                                          config.shared_fraction)
     report = MoefyReport(str(out), config.num_experts, config.top_k, num_shared, expert_size, config.method,
                          dict(cal.calibration))
-    moe_tensors = {k: v for k, v in tensors.items() if ".mlp." not in k
-                   and not (cfg.get("tie_word_embeddings") and k == "lm_head.weight")}
+    moe_tensors = {k: v for k, v in tensors.items() if ".mlp." not in k}
+    # Written untied (an explicit LM head, same values): every loader reads that the same way.
+    moe_tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"].clone())
     routes = []
     for layer, rec in enumerate(cal.records):
         layer_tensors, ids = _layer_tensors(layer, rec.x, rec.h, tensors, config, num_shared, report)

@@ -30,7 +30,7 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                    num_hidden_layers=2, intermediate_size=128, initializer_range=0.1,
-                                   tie_word_embeddings=False)
+                                   tie_word_embeddings=True)
     transformers.LlamaForCausalLM(cfg).save_pretrained(root / "dense")
     write_tokenizer(root / "dense", VOCAB)
     rng = random.Random(0)
@@ -142,3 +142,15 @@ def test_fit_pregate_recovers_a_linear_routing() -> None:
     hits = [float((gate.scores(x0)[i].argmax(1) == routes[i][:, 0]).float().mean()) for i in range(3)]
     assert min(hits) > 0.8
     assert step_recall({0: [1, 2]}, {0: torch.tensor([[1], [3]])}) == {0: 0.5}
+
+
+def test_cli(dense: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mixserve.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["moefy", str(dense), str(out), "-E", "4", "-K", "2", "--shared-fraction", "0.25",
+                 "--calibration", str(dense.parent / "calib.txt"), "--calibration-tokens", "256"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_experts"] == 4 and summary["expert_neurons"] == 24 and (out / "pregate.safetensors").is_file()
+    assert main(["moefy", str(dense), str(tmp_path / "bad"), "-E", "4", "-K", "8"]) == 2
+    assert "--top-k=8 must be in" in capsys.readouterr().err
