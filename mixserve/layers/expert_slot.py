@@ -144,6 +144,8 @@ def load_moe_weights(parts: dict[str, nn.Module], splits: Splits, weights: Itera
     targets: dict[str, torch.Tensor] = {}
     for prefix, module in parts.items():
         targets.update(fused_targets(module, splits, prefix))
+    if tied:  # the head shares the embedding's tensor; HF checkpoints drop (or ignore) lm_head.weight
+        targets.pop("lm_head.weight", None)
     for name, tensor in weights:
         key = names.key(name)
         if key is not None:

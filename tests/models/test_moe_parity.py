@@ -34,6 +34,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3Moe", dict(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
                                    num_experts=6, num_experts_per_tok=2, head_dim=32, mlp_only_layers=[0],
                                    norm_topk_prob=True)),
+    "qwen2_moe_tied": ("Qwen2Moe", dict(num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=32,
+                                        shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                        tie_word_embeddings=True)),
     "olmoe": ("Olmoe", dict(num_hidden_layers=2, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                             clip_qkv=1.5, norm_topk_prob=False)),
 }
