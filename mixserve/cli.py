@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from mixserve.config import CacheConfig, EngineConfig, ExpertConfig, ModelConfig, SchedulerConfig
 from mixserve.sampling_params import SamplingParams
+from mixserve.structured.cli import add_structured_args, structured_from_args
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -65,7 +66,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                           min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, seed=args.seed,
-                          stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+                          stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                          structured=structured_from_args(args) if "json_schema" in args else None)
 
 
 def _load(args: argparse.Namespace):  # -> LLM
@@ -215,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_model_args(gen)
     _add_sampling_args(gen)
+    add_structured_args(gen)
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="interactive chat")
     chat.add_argument("--system", default=None, help="system message")
