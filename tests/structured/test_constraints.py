@@ -197,3 +197,23 @@ def test_chunked_prefill_preemption_and_prefix_cache_leave_constrained_output_un
     for sample in out.outputs:
         jsonschema.validate(json.loads(sample.text), PERSON)
     assert len({s.text for s in out.outputs}) > 1
+
+
+def test_cli_flags_build_the_constraint(tmp_path) -> None:  # noqa: ANN001
+    import argparse
+
+    from mixserve.structured.cli import add_structured_args, structured_from_args
+    parser = argparse.ArgumentParser()
+    add_structured_args(parser)
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(PERSON))
+    spec = structured_from_args(parser.parse_args(["--json-schema", str(schema)]))
+    assert spec is not None and spec.schema == PERSON
+    assert structured_from_args(parser.parse_args([])) is None
+    assert structured_from_args(parser.parse_args(["--choice", "a", "b"])) == StructuredOutput(choice=("a", "b"))
+    (tmp_path / "bad.json").write_text("{nope")
+    for argv, needle in ((["--json-schema", str(tmp_path / "bad.json")], "bad.json"),
+                         (["--json-schema", str(tmp_path / "missing.json")], "missing.json"),
+                         (["--regex", "a", "--json"], "only one")):
+        with pytest.raises(StructuredError, match=needle):
+            structured_from_args(parser.parse_args(argv))
