@@ -217,3 +217,19 @@ def test_cli_flags_build_the_constraint(tmp_path) -> None:  # noqa: ANN001
                          (["--regex", "a", "--json"], "only one")):
         with pytest.raises(StructuredError, match=needle):
             structured_from_args(parser.parse_args(argv))
+
+
+def test_chat_with_tools_named_function(llm: LLM) -> None:
+    from mixserve.structured.tools import chat_with_tools
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"],
+              "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    answers = chat_with_tools(llm, [{"role": "user", "content": "Weather in Oslo?"}], tools,
+                              tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                              params=SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=60),
+                              parallel_tool_calls=False)
+    assert len(answers) == 2
+    for answer in answers:
+        assert answer.finish_reason == "tool_calls" and len(answer.tool_calls) == 1
+        assert answer.tool_calls[0].name == "get_weather"
+        jsonschema.validate(json.loads(answer.tool_calls[0].arguments), params)
