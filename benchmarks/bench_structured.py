@@ -3,11 +3,13 @@ mixserve decode with vs without a JSON-schema constraint (single stream and n sa
 
     .venv/bin/python benchmarks/bench_structured.py                    # both models
     .venv/bin/python benchmarks/bench_structured.py --models smollm2-135m --tokens 48 --repeats 3
+    .venv/bin/python benchmarks/bench_structured.py --skip-decode        # mask times only (fast)
 
 1. Mask time per step, per library (each built from the model's own tokenizer: llguidance from its
    tokenizer.json, xgrammar through a transformers wrapper of the same tokenizer): the schema's JSON
    text is replayed token by token; each step fills the next-token bitmask then consumes the token.
-   Batch 1 and batch n (n independent matchers; llguidance's parallel executor, xgrammar's batch fill).
+   Batch 1 and batch n (n independent matchers: llguidance row by row as the runner does, and with its
+   thread pool (`_pool`); xgrammar's batch fill).
 2. End to end, in this process: mixserve generation of `--tokens` tokens with temperature 0.8, with and
    without the constraint. The schema (an array of at least 1000 integers) never completes within
    the budget, so both runs produce exactly `--tokens` tokens per sample. Per-token time = wall / tokens.
@@ -43,7 +45,8 @@ MASK_TEXT = ('{"name": "Ada Lovelace", "age": 36, "tags": ["red", "blue", "green
              '"address": {"city": "London", "zip": "12345"}}')
 
 
-def mask_times_llguidance(tok: Any, vocab: int, eos: list[int], ids: list[int], batch: int) -> dict[str, float]:
+def mask_times_llguidance(tok: Any, vocab: int, eos: list[int], ids: list[int], batch: int,
+                          parallel: bool = False) -> dict[str, float]:
     import llguidance
     import torch
 
@@ -62,11 +65,12 @@ def mask_times_llguidance(tok: Any, vocab: int, eos: list[int], ids: list[int], 
     steps = []
     for token in ids:
         t0 = time.perf_counter()
-        if batch == 1:
-            matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
-        else:
+        if parallel:
             executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                              words * 4, batch)
+        else:  # row by row on this thread, as mixserve's runner does
+            for i, m in enumerate(matchers):
+                m.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
         for m in matchers:
             assert m.consume_token(token), m.get_error()
         steps.append(time.perf_counter() - t0)
@@ -136,6 +140,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-decode", action="store_true", help="only the mask-time part")
     args = parser.parse_args()
     from mixserve.llm import LLM
     report: dict[str, Any] = {"args": vars(args), "models": {}}
@@ -149,8 +154,10 @@ def main() -> int:
         entry: dict[str, Any] = {"vocab_size": vocab, "mask": {}, "decode": {}}
         for batch in (1, args.n):
             entry["mask"][f"llguidance_b{batch}"] = mask_times_llguidance(tok, vocab, eos, ids, batch)
+            if batch > 1:
+                entry["mask"][f"llguidance_pool_b{batch}"] = mask_times_llguidance(tok, vocab, eos, ids, batch, True)
             entry["mask"][f"xgrammar_b{batch}"] = mask_times_xgrammar(tok, vocab, eos, ids, batch)
-        for n in (1, args.n):
+        for n in () if args.skip_decode else (1, args.n):
             entry["decode"][f"n{n}"] = decode_times(llm, n, args.tokens, args.repeats)
         report["models"][model] = entry
         _print(model, entry)
@@ -184,6 +191,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     labels, free, constrained = [], [], []
+    if not any(entry["decode"] for entry in report["models"].values()):
+        return
     for model, entry in report["models"].items():
         for name, d in entry["decode"].items():
             labels.append(f"{model}\n{name}")

@@ -29,7 +29,7 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=900)
 
 
 def _chat(client: openai.OpenAI, **kwargs: Any) -> Any:

@@ -15,8 +15,8 @@ def _leaf(rng: random.Random) -> dict[str, Any]:
     if kind == "integer":
         low = rng.randint(-50, 50)
         return {"type": "integer", "minimum": low, "maximum": low + rng.randint(1, 500)}
-    if kind == "number":
-        return {"type": "number", "minimum": 0, "maximum": rng.choice([1, 10, 1000])}
+    if kind == "number":  # an integer-valued bound: an unbounded fraction could run to max_tokens
+        return {"type": "number", "minimum": -1000, "maximum": rng.choice([1, 10, 1000]), "multipleOf": 1}
     if kind == "enum":
         return {"enum": rng.sample(["red", "green", "blue", "small", "large", "yes", "no"], rng.randint(2, 4))}
     return {"type": "boolean"}
