@@ -11,6 +11,7 @@ from mixserve.config import SECTION_PREFIXES, SECTION_TYPES, EngineConfig
 from mixserve.flags import Flag, add_flags, parse_size, values_from
 from mixserve.mixture.cli import RepeatableModel, add_serve_args, serve_models
 from mixserve.sampling_params import SamplingParams
+from mixserve.structured.cli import add_structured_args, structured_from_args
 
 # Flags that differ from the plain derivation (mixserve/flags.py): short and historical names, sizes.
 _ENGINE_FLAGS = {
@@ -58,7 +59,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(**values_from(args, SamplingParams))
+    structured = structured_from_args(args) if "json_schema" in args else None
+    return SamplingParams(**values_from(args, SamplingParams), structured=structured)
 
 
 def _load(args: argparse.Namespace):  # -> LLM
@@ -206,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_model_args(gen)
     _add_sampling_args(gen)
+    add_structured_args(gen)
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="interactive chat")
     chat.add_argument("--system", default=None, help="system message")

@@ -89,14 +89,11 @@ class Constraints:
     width of the logits, `eos_token_ids` the ids allowed once the grammar is complete.
     """
 
-    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_ids: Sequence[int],
-                 num_threads: int | None = None) -> None:
+    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_ids: Sequence[int]) -> None:
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
-        self._num_threads = num_threads
         self._tokenizer: llguidance.LLTokenizer | None = None
-        self._executor: llguidance.LLExecutor | None = None
         self._starts: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self.states: dict[str, ConstraintState] = {}
         self._bitmask = torch.empty(0, dtype=torch.int32)
@@ -107,7 +104,6 @@ class Constraints:
         if self._tokenizer is None:
             self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json(), n_vocab=self.vocab_size,
                                                      eos_token=self.eos_token_ids)
-            self._executor = llguidance.LLExecutor(self._num_threads)
         return self._tokenizer
 
     def new_state(self, spec: StructuredOutput) -> ConstraintState:
@@ -141,9 +137,10 @@ class Constraints:
         if self._bitmask.numel() < len(live) * words:
             self._bitmask = torch.empty(len(live) * words, dtype=torch.int32)
         bitmask = self._bitmask[:len(live) * words].view(len(live), words)  # [num_rows, words]
-        assert self._executor is not None
-        self._executor.unsafe_compute_mask_ptr([(s.matcher, i) for i, (_, s) in enumerate(live)],
-                                               bitmask.data_ptr(), words * 4, len(live))
+        # on this thread, row by row: a mask takes microseconds, and handing rows to llguidance's
+        # thread pool costs a context switch that, beside torch's threads on few cores, is milliseconds
+        for i, (_, state) in enumerate(live):
+            state.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), words * 4)
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
         allowed = torch.from_numpy(bits[:, :self.vocab_size]).view(torch.bool)  # [num_rows, vocab_size]
         for i, (request_id, state) in enumerate(live):

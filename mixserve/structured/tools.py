@@ -289,3 +289,41 @@ def _partial_tag(text: str) -> int:
         if _OPEN_TAG.startswith(text[-n:]):
             return n
     return 0
+
+
+@dataclass(frozen=True)
+class ToolAnswer:
+    """One sample of `chat_with_tools`: its text content (None if it only called) and its calls."""
+
+    content: str | None
+    tool_calls: list[ToolCall]
+    finish_reason: str | None
+
+
+def chat_with_tools(llm: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                    tool_choice: str | dict[str, Any] | None = "auto", params: Any = None,
+                    parallel_tool_calls: bool = True) -> list[ToolAnswer]:
+    """`LLM.chat` with OpenAI tools: renders them (the model's template, or the Hermes default), constrains
+    decoding when `tool_choice` is "required" or a named function, and parses the calls of every sample."""
+    from dataclasses import replace
+
+    from mixserve.sampling_params import SamplingParams
+
+    parsed = parse_tools(tools)
+    choice = resolve_tool_choice(tool_choice, parsed)
+    active = bool(parsed) and choice != "none"
+    params = params if params is not None else SamplingParams(max_tokens=256)
+    if choice not in (None, "none", "auto"):
+        forced = parsed if choice == "required" else [t for t in parsed if t.name == choice]
+        params = replace(params, structured=call_constraint(forced, parallel_tool_calls))
+    template = llm.tokenizer.chat_template
+    if active and template_knows_tools(template):
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+    else:
+        prompt = llm.chat_prompt(tool_messages_as_text(messages, parsed if active else []))
+    answers = []
+    for sample in llm.generate(prompt, params)[0].outputs:
+        content, calls = parse_tool_calls(sample.text, parsed) if active else (sample.text, [])
+        reason = sample.finish_reason.value if sample.finish_reason is not None else None
+        answers.append(ToolAnswer(content, calls, "tool_calls" if calls and reason == "stop" else reason))
+    return answers

@@ -101,8 +101,9 @@ def test_unknown_fields_are_ignored_and_reported(server: Server) -> None:
     ({"messages": MSG, "max_completion_tokens": 0}, "max_completion_tokens"),
     ({"messages": MSG, "top_logprobs": 3}, "top_logprobs"),
     ({"messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": MSG, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": MSG, "tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ({"messages": MSG, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": MSG, "response_format": {"type": "xml"}}, "response_format.type"),
     ({"messages": MSG, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
 ])
 def test_chat_errors(server: Server, body: dict, param: str) -> None:
