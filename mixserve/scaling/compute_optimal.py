@@ -122,6 +122,9 @@ class ComputeOptimal:
     def controller_id(self) -> str:
         return self._id
 
+    def owns(self, request_id: str) -> bool:
+        return request_id.startswith(self._id + "/")
+
     @property
     def spent(self) -> int:
         return sum(p.num_launched for p in self.problems)
@@ -207,7 +210,7 @@ class ComputeOptimal:
             best = p.candidates[selected[0]] if selected else None
             info: dict[str, float | int | str] = {
                 "num_samples": len(p.candidates), "num_launched": p.num_launched, "rounds": self.rounds,
-                "stopped_early": int(p.settled and len(p.candidates) < self.config.budget),
+                "stopped_early": int(p.num_launched < self.config.budget),
                 "probe_margin": p.probe_margin if p.probe_margin is not None else 0.0,
                 "batch_budget": self.total_budget, "batch_spent": self.spent}
             results.append(ScaleResult(self.name, best.answer if best else None, best.text if best else "",

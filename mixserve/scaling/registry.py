@@ -83,7 +83,7 @@ def make_verifier(spec: VerifierSpec, *, tokenizer: Any = None, task: Task | Non
     if callable(spec) and not isinstance(spec, str):
         return FunctionVerifier(spec, name=getattr(spec, "__name__", "function"))
     if not isinstance(spec, str):
-        return spec
+        return spec  # type: ignore[return-value]
     if spec not in VERIFIERS:
         raise ScalingError(f"invalid verifier={spec!r}: known verifiers are {', '.join(VERIFIERS)}, "
                            f"or a Python function", field="verifier")
