@@ -69,13 +69,23 @@ def make_scaling_hook(cost: ModelCost | None) -> Any:
         head = {"id": engine.new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()),
                 "model": state.model_name}
         if not body.stream:
-            return {**head, "object": obj, **_final(await engine.run_controller(strategy), chat, stream=False)}
-        return StreamingResponse(_stream(engine, strategy, head, chat), media_type="text/event-stream")
+            result = await engine.run_controller(strategy)
+            count_verifier(state, result)
+            return {**head, "object": obj, **_final(result, chat, stream=False)}
+        return StreamingResponse(_stream(state, engine, strategy, head, chat), media_type="text/event-stream")
 
     return run
 
 
-async def _stream(engine: Any, strategy: Any, head: dict[str, Any], chat: bool) -> AsyncIterator[str]:
+def count_verifier(state: ServerState, result: ScaleResult) -> None:
+    if state.metrics is not None:
+        u = result.usage
+        tokens = u.verifier_prefill_tokens + u.verifier_generated_tokens
+        state.metrics.verifier_tokens.labels(state.model_name).inc(tokens)
+
+
+async def _stream(state: ServerState, engine: Any, strategy: Any, head: dict[str, Any],
+                  chat: bool) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -100,7 +110,9 @@ async def _stream(engine: Any, strategy: Any, head: dict[str, Any], chat: bool) 
         while not events.empty():
             yield event_chunk(events.get_nowait())
         try:
-            yield sse({**head, "object": obj, **_final(task.result(), chat, stream=True)})
+            result = task.result()
+            count_verifier(state, result)
+            yield sse({**head, "object": obj, **_final(result, chat, stream=True)})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported in-band (the status was already 200)

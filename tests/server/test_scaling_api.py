@@ -73,3 +73,31 @@ def test_streamed_strategy_on_completions(server: Server) -> None:
     assert sum(1 for p in payloads if p.get("scaling_event", {}).get("event") == "candidate") == 2
     assert isinstance(payloads[-1]["choices"][0]["text"], str) and payloads[-1]["usage"]["completion_tokens"] > 0
     assert payloads[-1]["scaling"]["strategy"] == "majority"
+
+
+def test_prompt_token_counters_add_up_after_a_mixed_workload(server: Server) -> None:
+    """prefilled + reused (prefix cache) + reused (fork) = admitted, and admitted is every sample's context:
+    plain requests, a repeated prompt (prefix cache), n = 3 (fork) and a judge strategy (forks of contexts)."""
+    names = ("prompt_tokens_admitted", "prompt_tokens_prefilled", "prompt_tokens_reused_prefix_cache",
+             "prompt_tokens_reused_fork", "scaling_verifier_tokens")
+    before = server.metrics()
+    url = f"{server.url}/v1/completions"
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    admitted = 0
+    for body in ({"prompt": prompt, "max_tokens": 3}, {"prompt": prompt, "max_tokens": 3},
+                 {"prompt": "Once upon a time", "max_tokens": 4, "n": 3, "temperature": 1.0, "seed": 2}):
+        resp = httpx.post(url, json=body, timeout=300).json()
+        admitted += resp["usage"]["prompt_tokens"] * body.get("n", 1)
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=300, json={
+        "messages": QUESTION, "max_tokens": 6, "temperature": 0.8, "seed": 1, "strategy": "bon", "budget": 3,
+        "verifier": "judge"}).json()
+    acc = chat["usage"]["scaling"]
+    admitted += acc["policy_prompt_tokens"] + acc["verifier_prompt_tokens"]
+    after = server.metrics()
+    delta = {n: after[f"mixserve:{n}_total"] - before.get(f"mixserve:{n}_total", 0.0) for n in names}
+    assert delta["prompt_tokens_admitted"] == admitted
+    assert (delta["prompt_tokens_prefilled"] + delta["prompt_tokens_reused_prefix_cache"]
+            + delta["prompt_tokens_reused_fork"]) == admitted
+    assert delta["prompt_tokens_reused_prefix_cache"] > 0  # the repeated prompt's full blocks
+    assert delta["prompt_tokens_reused_fork"] >= acc["verifier_reused_tokens"] > 0  # judge forks share KV
+    assert delta["scaling_verifier_tokens"] == acc["verifier_prefill_tokens"] + acc["verifier_generated_tokens"]
