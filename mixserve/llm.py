@@ -119,21 +119,39 @@ class LLM:
         prompts = [self.chat_prompt(c) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, params, use_tqdm=use_tqdm)
 
-    def scale(self, prompt: Prompt, strategy: str = "majority", budget: int = 8, verifier: Any = None,
-              params: SamplingParams | None = None, **options: Any) -> Any:
+    def scale(self, prompt: Any = None, strategy: str = "majority", budget: int = 8, verifier: Any = None,
+              params: SamplingParams | None = None, *, messages: list[Message] | None = None,
+              extractor: Any = None, on_done: Any = None, **options: Any) -> Any:
         """Inference-time scaling inside this engine; returns a `mixserve.scaling.ScaleResult`
-        (selected answer, every candidate, compute accounting). `strategy`/`verifier` names are in
-        `mixserve.scaling.STRATEGIES`/`VERIFIERS`; a verifier may also be a function `f(text) -> float`.
-        `options` go to `make_strategy` (config=ScaleConfig(...), extract=...).
+        (selected answer, every candidate, compute accounting), or a list of them for a batch.
+
+        `prompt`: a string, token ids, chat `messages` (the chat template is applied, as in `chat`),
+        a `ScaleProblem(prompt, data)` / `{"prompt"|"messages": ..., "data": ...}`, or a list of any of
+        these: a batch, run concurrently in this engine, one result per problem in order. `messages=`
+        is the same as passing the conversation as `prompt`.
+        `strategy`/`verifier` names are in `mixserve.scaling.STRATEGIES`/`VERIFIERS`; a verifier may
+        also be a function `f(text) -> float` or a problem-aware `ProblemVerifier` (e.g.
+        `ScoreAnswerVerifier(score_answer)`, which sees each problem's `data`). `extractor`: a name in
+        `mixserve.scaling.EXTRACTORS` or a function `text -> answer`. `on_done(i, result)` is called as
+        each problem finishes. `options` go to `make_strategies` (config=ScaleConfig(...), strategy_id=...).
 
         >>> llm.scale("What is 17 * 23?", strategy="bom", budget=16, verifier="judge").answer
+        >>> llm.scale([{"role": "user", "content": "What is 17 * 23?"}]).answer
+        >>> [r.answer for r in llm.scale(["1 + 1 =", "2 + 2 ="], strategy="compute_optimal")]
         """
-        from mixserve.scaling import make_strategy, run_strategy
+        from mixserve.scaling.api import scale
 
-        options.setdefault("strategy_id", self.dispatcher.new_id("scale"))
-        made = make_strategy(strategy, self.encode(prompt), budget, params, verifier, self.tokenizer,
-                             cost=self.cost(), **options)
-        return run_strategy(self.dispatcher, made)
+        if messages is not None:
+            if prompt is not None:
+                raise ValueError("LLM.scale takes a prompt or messages, not both")
+            prompt = messages
+        if prompt is None:
+            raise ValueError("LLM.scale needs a prompt, messages or a list of problems")
+        strategy_id = options.pop("strategy_id", None) or self.dispatcher.new_id("scale")
+        options.setdefault("cost", self.cost())
+        return scale(self.dispatcher, prompt, strategy, encode=self.encode, chat_prompt=self.chat_prompt,
+                     strategy_id=strategy_id, on_done=on_done, budget=budget, params=params, verifier=verifier,
+                     tokenizer=self.tokenizer, extract=extractor, **options)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield deltas (new tokens and text per sample) of one request as they are produced."""

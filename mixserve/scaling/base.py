@@ -86,6 +86,14 @@ class ScaleConfig:
     supermajority: float = 0.75
     adaptive_first_wave: int = 4
     """Samples in the first wave; each later wave doubles the total (prefix-cache reuses the prompt)."""
+    max_per_problem: int | None = None
+    """compute_optimal: the most samples one problem of the batch may get (None: 4 * budget, <= 1024)."""
+    hopeless_share: float = 0.25
+    """compute_optimal: after 2 * adaptive_first_wave samples, a problem whose leading answer holds at most
+    this share of them is taken to be beyond the model (Snell et al.: the hardest problems gain least)."""
+    min_gain_per_sample: float = 0.002
+    """compute_optimal: a problem whose estimated accuracy gain per extra sample is below this (a settled
+    vote, or no answer standing out) gets only what the others leave of the batch budget."""
     step_separator: str = "\n"
     """Step-level search: a step ends at this string (kept in the context)."""
     max_steps: int = 8
@@ -112,6 +120,11 @@ class ScaleConfig:
                 "must be in (0.5, 1)")
         require(0.5 < self.supermajority <= 1.0, "supermajority", self.supermajority, "must be in (0.5, 1]")
         require(self.adaptive_first_wave >= 1, "adaptive_first_wave", self.adaptive_first_wave, "must be >= 1")
+        require(self.max_per_problem is None or 1 <= self.max_per_problem <= 1024, "max_per_problem",
+                self.max_per_problem, "must be None or in [1, 1024]")
+        require(0.0 <= self.hopeless_share < 1.0, "hopeless_share", self.hopeless_share, "must be in [0, 1)")
+        require(0.0 <= self.min_gain_per_sample <= 1.0, "min_gain_per_sample", self.min_gain_per_sample,
+                "must be in [0, 1]")
         require(bool(self.step_separator), "step_separator", self.step_separator, "must be non-empty")
         require(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
         require(self.step_max_tokens >= 1, "step_max_tokens", self.step_max_tokens, "must be >= 1")

@@ -1,8 +1,10 @@
 """`mixserve eval`: strategies x budgets on a generated task, batched across problems in one engine.
 
 For each (strategy, budget) every problem's strategy runs concurrently (one `run_strategies` call),
-then the selected answers are checked with the task's exact verifier. "sample" rows also give the
-coverage curve: the unbiased pass@k over the N samples of each problem, for every k <= N in budgets.
+then the selected answers are checked with the task's exact verifier. Every cell starts with an empty
+prefix cache, so each pays its own prompt prefill and costs do not depend on the order of the cells.
+"sample" rows also give the coverage curve: the unbiased pass@k over the N samples of each problem,
+for every k <= N in budgets.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from mixserve.scaling.accounting import ModelCost
 from mixserve.scaling.base import ScaleConfig, ScalingError
 from mixserve.scaling.driver import run_strategies
 from mixserve.scaling.metrics import mean_pass_at_k
-from mixserve.scaling.registry import NEEDS_VERIFIER, STRATEGIES, VERIFIERS, make_strategy, make_verifier
+from mixserve.scaling.registry import (
+    BATCH_STRATEGIES,
+    NEEDS_VERIFIER,
+    STRATEGIES,
+    VERIFIERS,
+    make_strategies,
+    make_strategy,
+    make_verifier,
+)
 from mixserve.scaling.tasks import Problem, Task, get_task
 
 
@@ -48,7 +58,8 @@ class EvalConfig:
     max_steps: int = 6
     """Step-level search depth (beam, pf)."""
     out_dir: str = "benchmarks/results/scaling"
-    """Folder for the JSON and PNG plots."""
+    """Folder for the JSON and PNG plots (relative paths are under the current directory; the absolute
+    path is printed)."""
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -83,20 +94,33 @@ def prompt_ids(tokenizer: Any, problem: Problem) -> list[int]:
     return list(tokenizer.encode_chat([{"role": "user", "content": problem.question}]))
 
 
+def reset_prefix_cache(engine: Any) -> None:
+    """Forget the prefix cache of the engine's free blocks (every block is free between cells)."""
+    engine.scheduler.pool.reset_prefix_cache()
+
+
 def run_cell(engine: Any, tokenizer: Any, config: EvalConfig, strategy: str, budget: int,
              cost: ModelCost | None) -> dict[str, Any]:
     task = get_task(config.task)
     problems = task.generate(config.num_problems, config.seed, config.difficulty)
     params = SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed)
     scale = ScaleConfig(budget=budget, params=params, max_steps=config.max_steps)
-    made = []
-    for i, p in enumerate(problems):
-        spec = verifier_for(config, strategy, task, p)
-        v = make_verifier(spec, tokenizer=tokenizer, task=task, problem=p, seed=config.seed)
-        made.append(make_strategy(strategy, prompt_ids(tokenizer, p), verifier=v, config=scale,
-                                  extract=task.extract, cost=cost, strategy_id=f"eval-{strategy}-{budget}-{i}"))
+    tag = f"eval-{strategy}-{budget}"
+    if strategy in BATCH_STRATEGIES:
+        made = make_strategies(strategy, [prompt_ids(tokenizer, p) for p in problems], config=scale,
+                               extract=task.extract, cost=cost, strategy_id=tag)
+    else:
+        made = []
+        for i, p in enumerate(problems):
+            spec = verifier_for(config, strategy, task, p)
+            v = make_verifier(spec, tokenizer=tokenizer, task=task, problem=p, seed=config.seed)
+            made.append(make_strategy(strategy, prompt_ids(tokenizer, p), verifier=v, config=scale,
+                                      extract=task.extract, cost=cost, strategy_id=f"{tag}-{i}"))
+    reset_prefix_cache(engine)  # this cell pays its own prompt prefill, whatever ran before it
     start = time.perf_counter()
-    results = run_strategies(engine, made)
+    results: list[Any] = []
+    for r in run_strategies(engine, made):
+        results.extend(r if isinstance(r, list) else [r])
     seconds = time.perf_counter() - start
     correct = [task.check(p, r.answer) for p, r in zip(problems, results, strict=True)]
     counts = [(len(r.candidates), sum(task.check(p, c.answer) for c in r.candidates))
@@ -135,7 +159,9 @@ def run_eval(llm: Any, config: EvalConfig, model_name: str) -> int:
 
     rows = evaluate(llm.engine, llm.tokenizer, config, llm.cost())
     print(format_table(rows))
-    paths = write_outputs(rows, replace(config), model_name, Path(config.out_dir))
+    out_dir = Path(config.out_dir).resolve()
+    paths = write_outputs(rows, replace(config), model_name, out_dir)
+    print(f"[mixserve] results in {out_dir} (--out DIR to choose)")
     for path in paths:
         print(f"[mixserve] wrote {path}")
     return 0

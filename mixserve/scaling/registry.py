@@ -1,7 +1,9 @@
 """Build strategies and verifiers by name (what `LLM.scale`, the eval CLI and the server call).
 
 Strategy names: see `STRATEGIES`. Verifier names: see `VERIFIERS`; a Python callable
-`f(text) -> float` is also accepted as a verifier (a user-supplied function).
+`f(text) -> float` is also accepted as a verifier (a user-supplied function), and so is a
+`ProblemVerifier` (`score(problem, candidate)`, e.g. `ScoreAnswerVerifier` for reasoning-gym-style
+`score_answer(answer, entry)`), bound to each problem's `ScaleProblem`. Extractors: `EXTRACTORS`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from mixserve.sampling_params import SamplingParams
 from mixserve.scaling import select
 from mixserve.scaling.accounting import ModelCost
 from mixserve.scaling.adaptive import AdaptiveConsistency
-from mixserve.scaling.answers import Extractor, extract_answer
+from mixserve.scaling.answers import Extractor, get_extractor
 from mixserve.scaling.base import ScaleConfig, ScalingError, Strategy
 from mixserve.scaling.beam import BeamPolicy
+from mixserve.scaling.compute_optimal import ComputeOptimal, SingleComputeOptimal
 from mixserve.scaling.first_finish import FirstFinish
 from mixserve.scaling.judge import JudgeVerifier
 from mixserve.scaling.particle import ParticlePolicy
@@ -25,7 +28,15 @@ from mixserve.scaling.sampling import SampleAndSelect, Selector
 from mixserve.scaling.search import StepSearch, make_rng
 from mixserve.scaling.tasks import Problem, Task
 from mixserve.scaling.tracker import Tracker
-from mixserve.scaling.verifiers import FunctionVerifier, NoisyVerifier, Verifier
+from mixserve.scaling.verifiers import (
+    FunctionVerifier,
+    NoisyVerifier,
+    ProblemVerifier,
+    ScaleProblem,
+    Verifier,
+    bind_problem,
+    is_problem_verifier,
+)
 
 STRATEGIES = {
     "sample": "repeated sampling: all N candidates (for pass@k / coverage)",
@@ -38,7 +49,11 @@ STRATEGIES = {
     "confidence": "highest token-level confidence (negative tail entropy), no verifier",
     "beam": "step-level beam search with a process reward",
     "pf": "particle filtering with a process reward",
+    "compute_optimal": "batch majority under a total budget: probe, stop easy problems, spend the rest "
+                       "where the vote can still change (budget = mean samples per problem)",
 }
+BATCH_STRATEGIES = {"compute_optimal"}
+"""Strategies that run a whole batch of problems as one controller (`make_strategies`)."""
 NEEDS_VERIFIER = {"weighted", "bon", "bom", "beam", "pf"}
 VERIFIERS = {
     "none": "no verifier",
@@ -48,7 +63,7 @@ VERIFIERS = {
     "noisy_prm": "oracle_prm with each score flipped with probability `noise`",
 }
 
-VerifierSpec = Verifier | str | Callable[[str], float] | None
+VerifierSpec = Verifier | ProblemVerifier | str | Callable[[str], float] | None
 
 
 def new_strategy_id() -> str:
@@ -56,14 +71,19 @@ def new_strategy_id() -> str:
 
 
 def make_verifier(spec: VerifierSpec, *, tokenizer: Any = None, task: Task | None = None,
-                  problem: Problem | None = None, noise: float = 0.2, seed: int = 0) -> Verifier | None:
-    """A verifier from a name (`VERIFIERS`), a callable, a ready `Verifier`, or None."""
+                  problem: Problem | None = None, noise: float = 0.2, seed: int = 0,
+                  scale_problem: ScaleProblem | None = None, extract: Extractor | str | None = None
+                  ) -> Verifier | None:
+    """A verifier from a name (`VERIFIERS`), a callable, a ready `Verifier`, a `ProblemVerifier`
+    (bound to `scale_problem`, scoring answers found by `extract`), or None."""
     if spec is None or spec == "none":
         return None
+    if is_problem_verifier(spec):
+        return bind_problem(spec, scale_problem or ScaleProblem(None), get_extractor(extract))  # type: ignore[arg-type]
     if callable(spec) and not isinstance(spec, str):
         return FunctionVerifier(spec, name=getattr(spec, "__name__", "function"))
     if not isinstance(spec, str):
-        return spec
+        return spec  # type: ignore[return-value]
     if spec not in VERIFIERS:
         raise ScalingError(f"invalid verifier={spec!r}: known verifiers are {', '.join(VERIFIERS)}, "
                            f"or a Python function", field="verifier")
@@ -96,8 +116,8 @@ def make_verifier(spec: VerifierSpec, *, tokenizer: Any = None, task: Task | Non
 def make_strategy(name: str, prompt_ids: Sequence[int], budget: int | None = None,
                   params: SamplingParams | None = None, verifier: VerifierSpec = None,
                   tokenizer: Any = None, *, config: ScaleConfig | None = None,
-                  extract: Extractor | None = None, cost: ModelCost | None = None,
-                  strategy_id: str | None = None) -> Strategy:
+                  extract: Extractor | str | None = None, cost: ModelCost | None = None,
+                  strategy_id: str | None = None, problem: ScaleProblem | None = None) -> Strategy:
     """A ready-to-start strategy; raises ScalingError naming a bad field (name, budget, verifier)."""
     if name not in STRATEGIES:
         raise ScalingError(f"invalid strategy={name!r}: known strategies are {', '.join(STRATEGIES)}", field="strategy")
@@ -105,14 +125,49 @@ def make_strategy(name: str, prompt_ids: Sequence[int], budget: int | None = Non
     if budget is not None or params is not None:
         config = replace(config, budget=config.budget if budget is None else budget,
                          params=params or config.params)
-    v = make_verifier(verifier, tokenizer=tokenizer)
+    extractor = get_extractor(extract)
+    v = make_verifier(verifier, tokenizer=tokenizer, scale_problem=problem, extract=extractor)
     if name in NEEDS_VERIFIER and v is None:
         raise ScalingError(f"invalid verifier=None: strategy {name!r} needs one ({', '.join(VERIFIERS)})",
                            field="verifier")
     if not prompt_ids:
         raise ScalingError("invalid prompt: it is empty", field="prompt")
-    tracker = Tracker(strategy_id or new_strategy_id(), list(prompt_ids), extract or extract_answer, v, cost)
+    tracker = Tracker(strategy_id or new_strategy_id(), list(prompt_ids), extractor, v, cost)
     return _build(name, tracker, config)
+
+
+def make_strategies(name: str, prompts: Sequence[Sequence[int]], budget: int | None = None,
+                    params: SamplingParams | None = None, verifier: VerifierSpec = None, tokenizer: Any = None,
+                    *, config: ScaleConfig | None = None, extract: Extractor | str | None = None,
+                    cost: ModelCost | None = None, strategy_id: str | None = None,
+                    problems: Sequence[ScaleProblem] | None = None) -> list[Strategy]:
+    """Controllers for a batch of problems (token prompts), ids `{strategy_id}-p{i}` (just
+    `strategy_id` for a batch of one): one per problem,
+    or one for the whole batch for `BATCH_STRATEGIES` (its result is the list of per-problem results).
+    `problems` (same length) are what problem-aware verifiers see."""
+    if not prompts:
+        raise ScalingError("invalid prompt: the batch of problems is empty", field="prompt")
+    if problems is not None and len(problems) != len(prompts):
+        raise ScalingError(f"invalid problems: {len(problems)} problems for {len(prompts)} prompts", field="prompt")
+    base = strategy_id or new_strategy_id()
+    if name not in BATCH_STRATEGIES:
+        return [make_strategy(name, ids, budget, params, verifier, tokenizer, config=config, extract=extract,
+                              cost=cost, strategy_id=base if len(prompts) == 1 else f"{base}-p{i}",
+                              problem=problems[i] if problems is not None else None)
+                for i, ids in enumerate(prompts)]
+    config = config or ScaleConfig()
+    if budget is not None or params is not None:
+        config = replace(config, budget=config.budget if budget is None else budget, params=params or config.params)
+    if verifier not in (None, "none"):
+        raise ScalingError(f"invalid verifier={verifier!r}: strategy {name!r} votes without a verifier",
+                           field="verifier")
+    extractor = get_extractor(extract)
+    trackers = []
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ScalingError(f"invalid prompt: problem {i} is empty", field="prompt")
+        trackers.append(Tracker(f"{base}/p{i}", list(ids), extractor, None, cost))
+    return [ComputeOptimal(base, trackers, config)]  # type: ignore[list-item]
 
 
 def _build(name: str, t: Tracker, c: ScaleConfig) -> Strategy:
@@ -124,6 +179,9 @@ def _build(name: str, t: Tracker, c: ScaleConfig) -> Strategy:
     if name in rules:
         logprobs = c.confidence_top_logprobs if name == "confidence" else None
         return SampleAndSelect(name, t, c, rules[name], logprobs=logprobs, return_all=name == "sample")
+    if name in BATCH_STRATEGIES:
+        single = Tracker(t.strategy_id + "/p0", t.prompt_ids, t.extract, None, t.cost)
+        return SingleComputeOptimal(t.strategy_id, [single], c)
     if name == "adaptive":
         return AdaptiveConsistency(t, c)
     if name == "ffs":

@@ -45,14 +45,23 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-."), ("*", ":")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for ax, (x, label) in zip(axes, [("budget", "samples / particles (budget)"),
                                      ("generated_tokens", "generated tokens per problem"),
                                      ("flops", "estimated FLOPs per problem")], strict=True):
-        for strategy in dict.fromkeys(r["strategy"] for r in rows):
-            pts = sorted((r[x], r["accuracy"]) for r in rows if r["strategy"] == strategy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+        strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+        for i, strategy in enumerate(strategies):
+            mine = [r for r in rows if r["strategy"] == strategy]
+            pts = sorted((r[x], r["accuracy"]) for r in mine)
+            verifier = mine[0].get("verifier", "none")
+            marker, line = styles[i % len(styles)]
+            # later lines are drawn thinner with bigger hollow markers, so lines that coincide stay visible
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=line,
+                    linewidth=2.6 - 1.6 * i / max(len(strategies) - 1, 1), markersize=5 + 2 * i,
+                    markerfacecolor="none", label=strategy if verifier == "none" else f"{strategy} ({verifier})")
         sample = sorted((r for r in rows if r["strategy"] == "sample"), key=lambda r: r["budget"])
         if sample:
             pts = [(r[x], r["coverage"]) for r in sample]
@@ -62,13 +71,25 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
                 ax.plot(list(map(int, ks)), list(ks.values()), "k:", label="pass@k (unbiased)")
         if all(r[x] > 0 for r in rows):  # FLOPs are 0 when the model cost is unknown
             ax.set_xscale("log", base=2 if x == "budget" else 10)
+            if x != "budget":
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.xaxis.set_major_formatter(FuncFormatter(plain_number))
         ax.set_xlabel(label)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, title="strategy (verifier)", title_fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plain_number(value: float, _: object = None) -> str:
+    """Axis labels as plain numbers: 32, 1500, 2.5M, 4.1G (no 3x10^1)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"

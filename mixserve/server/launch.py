@@ -68,7 +68,9 @@ def load_into(state: ServerState, config: EngineConfig, cache_dir: str | Path | 
                           max_num_seqs=config.scheduler.max_num_seqs)
     state.model_path = str(built.checkpoint.path)
     state.metrics = ServerMetrics(state.model_name, stats=lambda: engine.stats,
-                                  extra=loaded.expert_stats)  # keys already start with expert_
+                                  extra=loaded.expert_stats,  # keys already start with expert_
+                                  block_size=config.cache.block_size)
+    engine.listeners.append(state.metrics.prompt_tokens.observe)
     state.scaling = make_scaling_hook(ModelCost.from_model(built.checkpoint.hf_config, built.model))
     state.engine = engine
     log.info("model %s ready (%.1fs)", state.model_name, built.load_seconds)

@@ -3,13 +3,23 @@
 Gauges and engine counters are read from the engine's stats snapshot at scrape time; latency and size
 histograms and per-finish-reason request counts are observed by the server as requests finish. Each
 server has its own registry (no global state).
+
+Prompt-token counters that add up (`PromptTokens`, fed every engine output by a dispatcher listener):
+`prompt_tokens_admitted` counts every sample's context (a request of n samples over an L-token prompt
+admits n * L; a fork admits its whole context), `prompt_tokens_prefilled` what the runner computed at
+prompt positions, `prompt_tokens_reused_prefix_cache` prefix-cache hits in tokens (hit blocks *
+block_size), `prompt_tokens_reused_fork` the rest of the reuse (samples and forks sharing KV), so
+prefilled + reused_prefix_cache + reused_fork = admitted. `scaling_verifier_tokens` counts the tokens
+strategy verifiers (the judge) prefilled and generated. The engine's `prompt_tokens` stays what it was:
+prompt tokens of requests as added (once per request, not per sample).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -33,12 +43,41 @@ _ENGINE_COUNTERS = {
 }
 
 
+class PromptTokens:
+    """Admitted and prefilled prompt tokens from the outputs' cumulative counts (see the module doc).
+
+    `observe` runs on the engine thread with every step's outputs; requests are tracked from their first
+    output until they finish (at most `max_tracked` at once; the oldest are dropped beyond that, which
+    only happens when requests are aborted behind the dispatcher's back by the thousands)."""
+
+    def __init__(self, max_tracked: int = 100_000) -> None:
+        self.admitted = 0
+        self.prefilled = 0
+        self.max_tracked = max_tracked
+        self._live: OrderedDict[str, tuple[int, int]] = OrderedDict()  # id -> (samples seen, prefilled seen)
+
+    def observe(self, outputs: Sequence[RequestOutput]) -> None:
+        for out in outputs:
+            samples, prefilled = self._live.pop(out.request_id, (0, 0))
+            now_samples = max([samples, *(o.index + 1 for o in out.outputs)])
+            now_prefilled = max(prefilled, out.metrics.num_computed_prompt_tokens)
+            self.admitted += len(out.prompt_token_ids) * (now_samples - samples)
+            self.prefilled += now_prefilled - prefilled
+            if not out.finished:
+                self._live[out.request_id] = (now_samples, now_prefilled)
+                if len(self._live) > self.max_tracked:
+                    self._live.popitem(last=False)
+
+
 class _EngineCollector(Collector):
     def __init__(self, model_name: str, stats: Callable[[], dict[str, float]],
-                 extra: Callable[[], dict[str, float]]) -> None:
+                 extra: Callable[[], dict[str, float]], prompt: PromptTokens | None = None,
+                 block_size: int = 0) -> None:
         self.model_name = model_name
         self.stats = stats
         self.extra = extra
+        self.prompt = prompt
+        self.block_size = block_size
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats()
@@ -58,6 +97,18 @@ class _EngineCollector(Collector):
             c = CounterMetricFamily(PREFIX + suffix, doc, labels=labels)
             c.add_metric([self.model_name], s.get(key, 0.0))
             yield c
+        if self.prompt is not None:
+            prefix = int(s.get("prefix_cache_hits", 0.0)) * self.block_size
+            fork = max(self.prompt.admitted - self.prompt.prefilled - prefix, 0)
+            for suffix, doc, amount in (
+                    ("prompt_tokens_admitted", "Prompt tokens of every sample's context (n samples: n * prompt).",
+                     self.prompt.admitted),
+                    ("prompt_tokens_prefilled", "Prompt tokens the runner computed.", self.prompt.prefilled),
+                    ("prompt_tokens_reused_prefix_cache", "Prompt tokens served from the prefix cache.", prefix),
+                    ("prompt_tokens_reused_fork", "Prompt tokens shared between samples and forks.", fork)):
+                c = CounterMetricFamily(PREFIX + suffix, doc, labels=labels)
+                c.add_metric([self.model_name], float(amount))
+                yield c
         for key, value in sorted(self.extra().items()):
             yield gauge(key, f"{key} (model-specific statistic).", value)
 
@@ -87,6 +138,11 @@ class ServerMetrics:
         other.model_name = model_name
         return other
 
+    block_size: int = 0
+    """KV block size: prefix-cache hits (blocks) in tokens; 0 leaves the prompt-token counters out."""
+    prompt_tokens: PromptTokens = field(default_factory=PromptTokens)
+    """Feed it every engine output (`AsyncEngine.listeners`)."""
+
     def __post_init__(self) -> None:
         r, labels = self.registry, ["model_name"]
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.", labels,
@@ -103,8 +159,11 @@ class ServerMetrics:
                                labels + ["finished_reason"], registry=r)
         self.http_errors = Counter(PREFIX + "request_errors", "Requests answered with an error, by status.",
                                    labels + ["status"], registry=r)
+        self.verifier_tokens = Counter(PREFIX + "scaling_verifier_tokens",
+                                       "Tokens strategy verifiers prefilled and generated.", labels, registry=r)
         if self.engine_collector:
-            r.register(_EngineCollector(self.model_name, self.stats, self.extra))
+            r.register(_EngineCollector(self.model_name, self.stats, self.extra,
+                                        self.prompt_tokens if self.block_size else None, self.block_size))
 
     def start(self) -> _Timing:
         return _Timing(arrival=time.monotonic())

@@ -56,7 +56,7 @@ class _Sampling(_Body):
     # inference-time scaling (mixserve extension): run a strategy and return its selected answer
     strategy: str | None = None
     """mixserve: run this inference-time scaling strategy (e.g. majority, bon, bom, beam) and answer with
-    its selected sample; needs one prompt and stream=false."""
+    its selected sample; needs one prompt (stream=true streams progress events, then the answer)."""
     budget: int | None = None
     """mixserve: the strategy's sample budget (1..1024)."""
     verifier: str | None = None
@@ -72,6 +72,10 @@ class _Sampling(_Body):
     """vLLM: constrain the output to this Lark or GBNF grammar."""
     structured_outputs: dict[str, Any] | None = None
     """vLLM: `{"json": schema} | {"regex": ...} | {"choice": [...]} | {"grammar": ...} | {"json_object": true}`."""
+    extractor: str | None = None
+    """mixserve: how a strategy reads answers from samples: auto, number, boxed, answer_line or choice."""
+    reference: str | None = None
+    """mixserve: the expected answer for verifier=task (exact match of extracted answers)."""
 
 
 class CompletionRequest(_Sampling):

@@ -191,14 +191,15 @@ async def collect(run: Run, request: Request) -> None:
 
 
 async def scaled_response(state: ServerState, body: Any, prompts: list[Prompt], params: SamplingParams,
-                          obj: str) -> JSONResponse:
-    """A `strategy` request: one prompt, no streaming, answered by the scaling hook."""
+                          obj: str) -> Any:
+    """A `strategy` request: one prompt, answered by the scaling hook (SSE progress when streamed)."""
     if state.scaling is None:
         raise ApiError(400, "invalid field strategy: inference-time scaling is not available on this server",
                        param="strategy")
-    if len(prompts) != 1 or body.stream:
-        raise ApiError(400, "invalid field strategy: needs exactly one prompt and stream=false", param="strategy")
-    return JSONResponse(await state.scaling(state, body, prompts[0], params, obj))
+    if len(prompts) != 1:
+        raise ApiError(400, "invalid field strategy: needs exactly one prompt", param="strategy")
+    answer = await state.scaling(state, body, prompts[0], params, obj)
+    return JSONResponse(answer) if isinstance(answer, dict) else answer
 
 
 class RunStreamingResponse(StreamingResponse):

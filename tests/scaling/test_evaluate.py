@@ -41,3 +41,25 @@ def test_evaluate_writes_table_json_and_plot(tmp_path) -> None:
 def test_eval_cli_rejects_bad_input_before_loading(argv, field, capsys) -> None:
     assert main(["eval", *argv]) == 2
     assert field in capsys.readouterr().err
+
+
+def test_eval_costs_do_not_depend_on_the_order_of_the_cells(tmp_path) -> None:
+    """Each cell pays its own prompt prefill (the prefix cache is emptied between cells)."""
+    def rows_for(strategies: tuple[str, ...]) -> dict[tuple[str, int], dict]:
+        config = EvalConfig(task="countdown_steps", strategies=strategies, budgets=(1, 4), num_problems=4,
+                            difficulty=2, max_tokens=60, temperature=1.0, out_dir=str(tmp_path))
+        problems = get_task(config.task).generate(config.num_problems, config.seed, config.difficulty)
+        tok = WordTokenizer()
+        rows = evaluate(make_synthetic_engine(CountdownStepsPolicy(problems), tok), tok, config, progress=False)
+        return {(r["strategy"], r["budget"]): {k: v for k, v in r.items() if k != "seconds"} for r in rows}
+
+    forward = rows_for(("sample", "majority", "compute_optimal"))
+    backward = rows_for(("compute_optimal", "majority", "sample"))
+    assert forward == backward
+    assert forward[("sample", 1)]["prefill_tokens"] == forward[("majority", 1)]["prefill_tokens"]
+
+
+def test_plot_axes_are_plain_numbers() -> None:
+    from mixserve.scaling.report import plain_number
+
+    assert [plain_number(v) for v in (30, 1500, 2.5e6, 4.1e9, 0.5)] == ["30", "1500", "2.5M", "4.1G", "0.5"]
