@@ -248,11 +248,14 @@ def run_mixserve(spec: ModelSpec, gguf: Path, args: argparse.Namespace) -> dict[
         # Prefix caching off: every single-stream run is then a cold prefill, as for the peers (vLLM's
         # cache is reset, llama.cpp's state dropped); n > 1 still prefills the prompt once (fork).
         try:
-            llm = LLM(model=model_ref, num_threads=args.threads, enable_prefix_caching=False)
+            llm = LLM(model=model_ref, num_threads=args.threads, enable_prefix_caching=False,
+                      weight_format=args.weight_format)
         except TypeError:
             llm = LLM(model=model_ref)
             result["notes"].append("LLM() took no num_threads/enable_prefix_caching: defaults used")
         result["startup_s"] = time.perf_counter() - t0
+        result["weight_bytes_per_token"] = weight_bytes_per_token(llm.model)
+        result["weight_format"] = f"{args.weight_format}: {getattr(llm.loaded, 'quantized', {})}"
 
         def params(n: int, max_tokens: int, seed: int | None) -> Any:
             return SamplingParams(n=n, temperature=args.temperature, max_tokens=max_tokens, ignore_eos=True, seed=seed)
@@ -269,8 +272,11 @@ def run_mixserve(spec: ModelSpec, gguf: Path, args: argparse.Namespace) -> dict[
             return c.single_run(start, times)
 
         result["single"] = c.summarize_single(budget.repeat(single, args.repeats), args.repeats)
+        gb_s = result["weight_bytes_per_token"] * result["single"]["decode_tok_s"] / 1e9
+        result["achieved_gb_s"] = gb_s
         log(f"mixserve single: {result['single']['decode_tok_s']:.1f} tok/s, "
-            f"ttft {result['single']['ttft_s'] * 1e3:.0f} ms")
+            f"ttft {result['single']['ttft_s'] * 1e3:.0f} ms, "
+            f"{result['weight_bytes_per_token'] / 1e6:.1f} MB weights/token -> {gb_s:.2f} GB/s")
 
         def run_n(n: int) -> dict[str, Any]:
             start = time.perf_counter()
@@ -286,6 +292,43 @@ def run_mixserve(spec: ModelSpec, gguf: Path, args: argparse.Namespace) -> dict[
         log(f"mixserve: failed: {exc}\n{traceback.format_exc()[-3000:]}")
         result["error"] = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def weight_bytes_per_token(model: Any) -> int:
+    """Bytes of weights one decode step reads: every Linear in its run format (int4 codes + bf16
+    scale/zero, int8 + bf16 scales, or dense), plus the norms; the embedding row and KV are ignored."""
+    from mixserve.layers.linear import Linear
+    from mixserve.layers.quant import Int4Weight, Int8Weight
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, Linear):
+            q = mod.quant
+            if isinstance(q, Int4Weight):
+                total += q.packed.numel() + q.scale_zeros.numel() * 2
+            elif isinstance(q, Int8Weight):
+                total += q.qweight.numel() + q.scales.numel() * 2
+            else:
+                total += mod.weight.numel() * mod.weight.element_size()
+        elif type(mod).__name__ == "RMSNorm":
+            total += sum(p.numel() * p.element_size() for p in mod.parameters())
+    return total
+
+
+def copy_bandwidth_gb_s(threads: int, mb: int = 256) -> float:
+    """Measured copy bandwidth (read + write bytes / s, best of 5) with `threads` torch threads:
+    the roofline a memory-bound decode step is compared against."""
+    import torch
+
+    torch.set_num_threads(threads)
+    src = torch.ones(mb * (1 << 20) // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -446,6 +489,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weight-format", default="auto", choices=["auto", "dense", "int8", "int4"],
+                   help="mixserve's weight format (auto: the GGUF's own 4-bit as int4, the rest int8)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default=c.DEFAULT_PROMPT)
@@ -484,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "args": {k: v for k, v in vars(args).items() if k not in ("n", "models", "peers")},
         "loadavg_start": os.getloadavg(),
+        "copy_gb_s": copy_bandwidth_gb_s(args.threads),
         "models": {},
     }
     for name in args.model_list:
@@ -511,6 +557,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"engine_{stamp}.json"
     out.write_text(json.dumps(report, indent=1))
     print_tables(report, args.n_list)
+    for model, engines in report["models"].items():
+        ms = engines.get("mixserve", {})
+        if ms.get("achieved_gb_s"):
+            print(f"roofline {model}: mixserve reads {ms['weight_bytes_per_token'] / 1e6:.1f} MB of weights per "
+                  f"token ({ms.get('weight_format')}); single stream achieves {ms['achieved_gb_s']:.2f} GB/s "
+                  f"= {ms['achieved_gb_s'] / report['copy_gb_s']:.0%} of the measured copy bandwidth "
+                  f"{report['copy_gb_s']:.1f} GB/s")
     png = out.with_suffix(".png")
     if plot(report, args.n_list, png):
         log(f"wrote {png}")

@@ -14,6 +14,7 @@ from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.setup import build_from_pack, pack_tokenizer, prepare_pack
 from mixserve.hub import default_cache_dir, resolve_model
 from mixserve.layers.linear import quantize_linears
+from mixserve.layers.quant import QuantMode
 from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
 from mixserve.loading.tokenizer import Tokenizer
 from mixserve.models.base import as_causal_lm, build_model
@@ -63,12 +64,14 @@ def load_model(config: EngineConfig, cache_dir: str | Path | None = None) -> Loa
     dtype = _DTYPES[mc.dtype]
     model, checkpoint, provider = _load_weights(config, cache_dir, dtype)
     model.eval()
-    weight_format = mc.weight_format
-    if weight_format == "auto":
-        weight_format = "native" if checkpoint.format == "gguf" else "dense"
-    counts: dict[str, int] = {}
-    if weight_format in ("native", "int8", "int4"):
-        counts = quantize_linears(model, weight_format)  # type: ignore[arg-type]
+    weight_format: str = mc.weight_format
+    modes: dict[str, QuantMode] = {"int8": "int8", "int4": "int4"}
+    mode = modes.get(mc.weight_format)
+    if mc.weight_format == "auto" and checkpoint.format == "gguf":
+        weight_format, mode = "native", "native"  # the file's own 4-bit tensors as int4, the rest int8
+    elif mc.weight_format == "auto":
+        weight_format = "dense"
+    counts = {} if mode is None else quantize_linears(model, mode)
     return LoadedModel(checkpoint, model, dtype, weight_format, time.perf_counter() - start, provider,
                        counts)
 

@@ -19,13 +19,27 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self.weight = nn.Parameter(torch.ones(hidden_size) if offset == 0.0 else torch.zeros(hidden_size),
                                    requires_grad=False)
+        self._cached_key: tuple[int, int] | None = None
+        self._cached: torch.Tensor | None = None
+
+    def _offset_weight(self) -> torch.Tensor:
+        """`offset + weight`, recomputed only when the weight changes (its version counter moves
+        on every in-place write, e.g. loading)."""
+        try:
+            key = (self.weight.data_ptr(), self.weight._version)
+        except RuntimeError:  # an inference tensor has no version counter: nothing to cache on
+            return self.offset + self.weight
+        if self._cached is None or self._cached_key != key:
+            self._cached = self.offset + self.weight.detach()
+            self._cached_key = key
+        return self._cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (x.shape[-1],)
         if x.dtype == torch.float32:  # one fused op instead of six
             if self.offset == 0.0:
                 return F.rms_norm(x, shape, self.weight, self.eps)
-            return F.rms_norm(x, shape, None, self.eps) * (self.offset + self.weight)
+            return F.rms_norm(x, shape, self._offset_weight(), self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -64,6 +64,11 @@ class RotaryEmbedding(nn.Module):
         cos, sin = cos_sin
         return _apply(q, cos, sin, self.rotary_dim), _apply(k, cos, sin, self.rotary_dim)
 
+    def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """RoPE on `[num_tokens, heads, head_dim]` (e.g. q and k heads side by side in one view of
+        the fused qkv output: four ops for both instead of eight)."""
+        return _apply(x, cos_sin[0], cos_sin[1], self.rotary_dim)
+
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     half = rotary_dim // 2

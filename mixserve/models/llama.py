@@ -100,10 +100,11 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        num_qk = self.num_heads + self.num_kv_heads
+        qk = self.rotary.rotate(qkv[:, :num_qk], cos_sin)  # q and k heads rotated in one pass
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-        q, k = self.rotary(q, k, cos_sin)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        return self.o_proj(self.attn(q, k, qkv[:, num_qk:], kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):
