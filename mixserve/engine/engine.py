@@ -51,7 +51,9 @@ class RunnerOutput:
 
 
 class ModelRunner(Protocol):
-    def execute(self, out: SchedulerOutput) -> RunnerOutput: ...
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run `out.seqs` (possibly none) and free the state of `out.finished_request_ids`."""
+        ...
 
 
 class Tokenizer(Protocol):
@@ -144,8 +146,15 @@ class Engine:
             self.scheduler.update(out)
             self.counters["steps"] += 1
             changed = self._apply(out, result)
+        elif out.finished_request_ids:  # nothing to run, but the runner frees per-request state
+            self._execute(out)
         self._fork_ready()
-        return self._collect(changed)
+        outputs = self._collect(changed)
+        if not self.groups:  # idle from now on: free what just finished rather than at the next step
+            idle = self.scheduler.schedule()
+            if idle.finished_request_ids:
+                self._execute(idle)
+        return outputs
 
     def _execute(self, out: SchedulerOutput) -> RunnerOutput:
         try:

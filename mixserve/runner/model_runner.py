@@ -70,6 +70,8 @@ class TorchModelRunner:
             self.generators.pop(rid, None)
         if self.constraints is not None:
             self.constraints.free(out.finished_request_ids)
+        if not out.seqs:
+            return RunnerOutput()
         seqs, hidden = self._run(step)
         return self._sample(seqs, hidden)
 
