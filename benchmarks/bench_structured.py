@@ -15,8 +15,10 @@ mixserve decode with vs without a JSON-schema constraint (single stream and n sa
    the budget, so both runs produce exactly `--tokens` tokens per sample. Per-token time = wall / tokens.
 
 Medians of --repeats runs. Writes benchmarks/results/structured_<stamp>.json and .png.
-llama.cpp's grammar-constrained generation is not run here (the llama.cpp peer needs a source build,
-see setup_peers.sh); xgrammar is skipped with a message when it is not installed.
+3. The peer, in the same run: llama.cpp (its venv in .peers/llamacpp, `bash benchmarks/setup_peers.sh
+   llamacpp`) on the model's GGUF, single stream, with and without the same schema as a grammar
+   (benchmarks/peers/llamacpp_grammar.py). Skipped with a message when the peer is not installed.
+xgrammar is skipped with a message when it is not installed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LONG_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100000}, "minItems": 1000}
 """Never finishes within the token budget: constrained and free runs produce equally many tokens."""
@@ -133,6 +136,30 @@ def decode_times(llm: Any, n: int, tokens: int, repeats: int) -> dict[str, float
     return out
 
 
+def llamacpp_grammar(model: str, prompt: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The llama.cpp peer's per-step time with and without the schema as a grammar (single stream)."""
+    import subprocess
+    import tempfile
+
+    from bench_engine import MODELS, PEERS_DIR, resolve_gguf
+    python = PEERS_DIR / "llamacpp" / "bin" / "python"
+    if not python.exists():
+        print(f"llama.cpp peer not installed ({python} missing; run: bash benchmarks/setup_peers.sh llamacpp)")
+        return None
+    gguf = resolve_gguf(MODELS[model])
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(LONG_SCHEMA, f)
+    cmd = [str(python), str(Path(__file__).resolve().parent / "peers" / "llamacpp_grammar.py"), "--model",
+           str(gguf), "--schema", f.name, "--prompt", prompt, "--tokens", str(args.tokens),
+           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        print(f"llama.cpp peer failed: {proc.stderr[-2000:]}")
+        return None
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
@@ -141,6 +168,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-decode", action="store_true", help="only the mask-time part")
+    parser.add_argument("--no-peer", action="store_true", help="do not run the llama.cpp grammar peer")
     args = parser.parse_args()
     from mixserve.llm import LLM
     report: dict[str, Any] = {"args": vars(args), "models": {}}
@@ -159,6 +187,11 @@ def main() -> int:
             entry["mask"][f"xgrammar_b{batch}"] = mask_times_xgrammar(tok, vocab, eos, ids, batch)
         for n in () if args.skip_decode else (1, args.n):
             entry["decode"][f"n{n}"] = decode_times(llm, n, args.tokens, args.repeats)
+        if not (args.skip_decode or args.no_peer):
+            prompt = llm.chat_prompt([{"role": "user", "content": "List many numbers as a JSON array."}])
+            peer = llamacpp_grammar(model, prompt, args)
+            if peer is not None:
+                entry["decode"]["llama.cpp n1"] = peer
         report["models"][model] = entry
         _print(model, entry)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -200,7 +233,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
             constrained.append(d["json_schema_ms_per_step"])
     x = range(len(labels))
     ax.bar([i - 0.2 for i in x], free, 0.4, label="unconstrained")
-    ax.bar([i + 0.2 for i in x], constrained, 0.4, label="JSON schema (llguidance)")
+    ax.bar([i + 0.2 for i in x], constrained, 0.4, label="JSON schema (llguidance / llama.cpp grammar)")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("ms per decode step")
     ax.legend()
