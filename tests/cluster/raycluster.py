@@ -73,7 +73,7 @@ def start_ray_cluster(tmp: Path) -> RayCluster:
                 break
             except OSError:
                 if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Ray head did not start:\n{(tmp / 'ray.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"Ray head did not start:\n{(tmp / 'ray.log').read_text()[-2000:]}") from None
                 time.sleep(0.3)
         cluster.procs.append(subprocess.Popen([ray_bin, "start", f"--address={cluster.address}", *common],
                                               env=env, stdout=log, stderr=log, start_new_session=True))

@@ -67,7 +67,7 @@ def test_resume_each_sample_of_n(tiny_model: Path) -> None:
     prompt = engine.tokenizer.encode(PROMPTS[1])  # type: ignore[attr-defined]
     full = run(engine, prompt, params)
     assert len({tuple(t) for t, _ in full.values()}) > 1
-    for i, (tokens, texts) in full.items():
+    for i, (tokens, _texts) in full.items():
         single = replace(params, n=1, seed=derive_seed(params.seed, i))
         got, _ = run(make_engine(tiny_model), prompt, single, ResumePoint(tuple(tokens[:6]), 0))[0]
         assert tokens[:6] + got == tokens
