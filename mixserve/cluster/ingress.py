@@ -191,6 +191,8 @@ class ClusterEngine:
             handle.num_inflight += 1
             flight.legs.add(leg)
             leg.task = asyncio.ensure_future(self._run_leg(flight, leg))
+            if flight.aborted:  # aborted while the replica admitted it
+                handle.actor.abort.remote(remote_id)
             return
 
     async def _pick(self, flight: Flight, tried: set[str], target: str | None) -> tuple[ReplicaHandle, Route]:
