@@ -181,8 +181,8 @@ def main() -> int:
     ap.add_argument("--turns", type=int, default=2)
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    logs = RESULTS / "ray-logs"
-    logs.mkdir(exist_ok=True)
+    logs = ROOT / "benchmarks" / "work" / "ray-logs"  # gitignored
+    logs.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"args": vars(args), "throughput": {}, "routing": {}}
     setups = {"single (2 threads)": ["--threads", "2"],
               "ray 1 replica x1 thread": ["--ray", "--replicas", "1", "--threads-per-replica", "1"],
@@ -219,7 +219,7 @@ def main() -> int:
         print(routing, out["routing"][routing], flush=True)
     name = "ray.json" if parts == {"throughput", "routing"} else f"ray-{'-'.join(sorted(parts))}.json"
     (RESULTS / name).write_text(json.dumps(out, indent=2))
-    report(out)
+    report(out, RESULTS / name.replace(".json", ".png"))
     return 0
 
 
@@ -232,7 +232,7 @@ def wait_for_replicas(url: str, n: int, timeout_s: float = 300) -> None:
         time.sleep(0.5)
 
 
-def report(out: dict[str, Any]) -> None:
+def report(out: dict[str, Any], png: Path) -> None:
     print(f"\n{'setup':<28} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'errors':>6}")
     for name, r in out["throughput"].items():
         print(f"{name:<28} {r['tok_s']:>8.1f} {r['ttft_p50_s']:>8.3f}s {r['ttft_p99_s']:>8.3f}s {r['errors']:>6}")
@@ -259,7 +259,7 @@ def report(out: dict[str, Any]) -> None:
     axes[1].set_ylabel("prefix-cache hit rate")
     fig.suptitle("mixserve on Ray (measured while other work shared the machine)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "ray.png", dpi=100)
+    fig.savefig(png, dpi=100)
 
 
 if __name__ == "__main__":
