@@ -78,7 +78,8 @@ def test_shared_prefix_hits_one_replica(ingress: Server) -> None:
         complete(ingress, f"{SHARED} t{200 + i}", max_tokens=2, temperature=0.0)
     after = {r["id"]: r["routed"].get("prefix_hit", 0) for r in live(ingress)}
     gained = {rid: after[rid] - before.get(rid, 0) for rid in after}
-    assert sorted(gained.values()) == [0, 5], gained  # the first request placed it, five followed
+    # the first request placed the prefix (least loaded), the five that follow hit it
+    assert max(gained.values()) == 5, (gained, ingress.get("/v1/cluster/replicas"))
     metrics = httpx.get(ingress.url + "/metrics", timeout=10).text
     hits = [line for line in metrics.splitlines() if line.startswith("mixserve:prefix_cache_hits_total{")]
     assert len(hits) == 2 and all('replica="' in line for line in hits)
