@@ -80,11 +80,17 @@ def test_shared_prefix_hits_one_replica(ingress: Server) -> None:
     gained = {rid: after[rid] - before.get(rid, 0) for rid in after}
     # the first request placed the prefix (least loaded), the five that follow hit it
     assert max(gained.values()) == 5, (gained, ingress.get("/v1/cluster/replicas"))
-    metrics = httpx.get(ingress.url + "/metrics", timeout=10).text
-    hits = [line for line in metrics.splitlines() if line.startswith("mixserve:prefix_cache_hits_total{")]
-    assert len(hits) == 2 and all('replica="' in line for line in hits)
     holder = max(gained, key=lambda r: gained[r])
-    assert any(f'replica="{holder}"' in line and float(line.rsplit(" ", 1)[1]) >= 5 * 9 for line in hits), hits
+
+    def hit_lines() -> list[str]:
+        text = httpx.get(ingress.url + "/metrics", timeout=10).text
+        return [line for line in text.splitlines() if line.startswith("mixserve:prefix_cache_hits_total{")]
+
+    def holder_hits() -> float:  # replica stats reach the ingress by polling: wait for the last ones
+        return sum(float(line.rsplit(" ", 1)[1]) for line in hit_lines() if f'replica="{holder}"' in line)
+
+    assert len(hit_lines()) == 2 and all('replica="' in line for line in hit_lines())
+    assert wait_for(lambda: holder_hits() >= 5 * 9, timeout_s=30), hit_lines()
 
 
 def test_session_header_pins_a_replica(ingress: Server) -> None:
