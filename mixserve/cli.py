@@ -154,6 +154,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(host=args.host, port=args.port, served_model_name=args.served_model_name,
                            shutdown_timeout_s=args.shutdown_timeout, reject_unknown_fields=args.reject_unknown_fields,
                            cache_dir=args.cache_dir, log_level=args.log_level, limits=limits)
+    if args.ray:
+        from mixserve.cluster.cli import serve_ray
+
+        return serve_ray(args, config, options)
     pooled = serve_models(args, options)
     return serve(config, options) if pooled is None else pooled
 
@@ -228,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(srv)
     srv.set_defaults(max_num_waiting=256)  # a server answers 429 rather than queue without bound
     add_serve_args(srv)
+    from mixserve.cluster.cli import add_serve_args as add_cluster_args
+
+    add_cluster_args(srv)
     srv.set_defaults(func=cmd_serve)
     models = sub.add_parser("models", help="list known models")
     models.add_argument("--cache-dir", default=None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from mixserve.engine.dispatcher import Controller, Dispatcher
-from mixserve.engine.engine import Engine
+from mixserve.engine.engine import Engine, ResumePoint
 from mixserve.outputs import RequestOutput
 from mixserve.sampling_params import SamplingParams
 
@@ -112,15 +112,16 @@ class AsyncEngine:
     async def add(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                   prompt: str | None = None,
                   queue: asyncio.Queue[RequestOutput | BaseException] | None = None,
-                  ) -> asyncio.Queue[RequestOutput | BaseException]:
+                  resume: ResumePoint | None = None) -> asyncio.Queue[RequestOutput | BaseException]:
         """Queue a request; its deltas arrive on the returned queue (or on `queue`, shared by several).
+        `resume`: continue a sample produced elsewhere (see `ResumePoint`).
 
         Raises what `Engine.add_request` raises (RequestError, QueueFullError), with nothing queued.
         """
         queue = queue if queue is not None else asyncio.Queue()
         sink = _QueueSink(asyncio.get_running_loop(), queue)
         await asyncio.wrap_future(self.call(
-            lambda engine: self.dispatcher.add(request_id, prompt_token_ids, params, sink, prompt)))
+            lambda engine: self.dispatcher.add(request_id, prompt_token_ids, params, sink, prompt, resume)))
         return queue
 
     def abort(self, request_id: str) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mixserve.engine.engine import Engine, RequestError
+from mixserve.engine.engine import Engine, RequestError, ResumePoint
 from mixserve.outputs import RequestOutput
 from mixserve.sampling_params import SamplingParams
 
@@ -92,11 +92,11 @@ class Dispatcher:
 
     # -- owners ---------------------------------------------------------------------------------
     def add(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, sink: Sink,
-            prompt: str | None = None) -> None:
+            prompt: str | None = None, resume: ResumePoint | None = None) -> None:
         """Add a request owned by `sink`; raises what `Engine.add_request` raises, registering nothing."""
         if "/" in request_id:
             raise RequestError(f"request_id {request_id!r} must not contain '/' (reserved for controllers)")
-        self.engine.add_request(request_id, prompt_token_ids, params, prompt=prompt)
+        self.engine.add_request(request_id, prompt_token_ids, params, prompt=prompt, resume=resume)
         self._sinks[request_id] = sink
 
     def start(self, controller: Controller, on_finish: FinishCallback) -> None:

@@ -61,6 +61,19 @@ class Tokenizer(Protocol):
 
 
 @dataclass(frozen=True)
+class ResumePoint:
+    """Continue a single-sample request from tokens it already produced elsewhere (failover, migration).
+
+    The request is admitted with `output_token_ids` as its first outputs (their KV is recomputed, or
+    found in the prefix cache), so max_tokens, min_tokens, penalties, stop strings and per-position
+    seeds behave exactly as in the uninterrupted run; its deltas carry only what comes after them."""
+
+    output_token_ids: tuple[int, ...]
+    num_text_sent: int
+    """Characters of the sample's text the caller already has (its text resumes from there)."""
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the engine must know about the model, without importing it."""
 
@@ -89,22 +102,27 @@ class Engine:
 
     # -- admission -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
-                    prompt: str | None = None, pause_on_finish: bool = False) -> None:
+                    prompt: str | None = None, pause_on_finish: bool = False,
+                    resume: ResumePoint | None = None) -> None:
         """Queue a prompt; raises RequestError (bad input) or QueueFullError, queuing nothing.
 
-        `pause_on_finish`: samples that stop normally are paused, not freed (see the module doc)."""
+        `pause_on_finish`: samples that stop normally are paused, not freed (see the module doc).
+        `resume`: continue from outputs produced elsewhere (`ResumePoint`; n must be 1)."""
         ids = self._validate(request_id, prompt_token_ids, params)
+        outputs = self._validate_resume(ids, params, resume)
         limit = self.config.scheduler.max_num_waiting
         if limit is not None and self.scheduler.num_waiting >= limit:
             raise QueueFullError(f"waiting queue is full ({limit} requests)")
         request = Request(request_id=request_id if params.n == 1 else f"{request_id}#0",
                           group_id=request_id, sample_index=0, prompt_token_ids=ids, params=params,
                           max_model_len=self.info.max_model_len, pause_on_finish=pause_on_finish,
-                          fork_at=len(ids) - 1 if params.n > 1 else None)
+                          fork_at=len(ids) - 1 if params.n > 1 else None, token_ids=ids + outputs)
         group = GroupState(request_id, prompt, ids, params, self.tokenizer, self.info.eos_token_ids)
         self.groups[request_id] = group
         self.counters["prompt_tokens"] += len(ids)
         group.add_sample(request)
+        if resume is not None:
+            group.restore(0, outputs, resume.num_text_sent)
         self._track(request)
         self.scheduler.add(request)
         if request.fork_at == 0:
@@ -129,6 +147,24 @@ class Engine:
         if params.prompt_logprobs is not None and params.n > 1:
             raise RequestError("prompt_logprobs with n > 1 is not supported; ask for n=1")
         return ids
+
+    def _validate_resume(self, ids: list[int], params: SamplingParams,
+                         resume: ResumePoint | None) -> list[int]:
+        if resume is None:
+            return []
+        if params.n != 1:
+            raise RequestError(f"resume needs n=1 (resume each sample on its own), got n={params.n}")
+        outputs = list(resume.output_token_ids)
+        bad = [t for t in outputs if not isinstance(t, int) or not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise RequestError(f"resume output token id {bad[0]!r} is outside the vocabulary "
+                               f"[0, {self.info.vocab_size})")
+        if len(ids) + len(outputs) >= self.info.max_model_len:
+            raise RequestError(f"resumed request has {len(ids) + len(outputs)} tokens; the context "
+                               f"length is {self.info.max_model_len}")
+        if resume.num_text_sent < 0:
+            raise RequestError(f"resume num_text_sent must be >= 0, got {resume.num_text_sent}")
+        return outputs
 
     def _track(self, request: Request) -> None:
         self.requests[request.request_id] = request

@@ -81,6 +81,14 @@ class GroupState:
         detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids, self.params.skip_special_tokens)
         self.states[request.sample_index] = SampleState(request, detok)
 
+    def restore(self, sample_index: int, output_token_ids: list[int], num_text_sent: int) -> None:
+        """A resumed sample (`ResumePoint`): replay its earlier outputs through the detokenizer, as the
+        uninterrupted run did (they stopped nothing then), and mark `num_text_sent` characters as sent."""
+        state = self.states[sample_index]
+        for token in output_token_ids:
+            state.text += state.detok.push(token)
+        state.num_text_sent = min(num_text_sent, len(state.text))
+
     def on_computed(self, start_pos: int, num_tokens: int, num_prompt_tokens: int) -> None:
         """Count a chunk the runner computed at positions `start_pos...`."""
         prompt_part = max(0, min(start_pos + num_tokens, num_prompt_tokens) - start_pos)

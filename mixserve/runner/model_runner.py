@@ -1,10 +1,10 @@
 """SchedulerOutput -> tensors -> model -> logits -> sampler -> RunnerOutput.
 
 The runner owns the KV cache tensors of its layers (per layer, K `[num_slots, num_kv_heads,
-k_head_size]` and V `[num_slots, num_kv_heads, v_head_size]`, from the model's `KVCacheSpec`) and
-the per-request random generators. Sequences are regrouped for attention: every single-token
-(decode) sequence in one group, each longer chunk in its own, so decodes are never padded to a
-prefill's length.
+k_head_size]` and V `[num_slots, num_kv_heads, v_head_size]`, from the model's `KVCacheSpec`); seeded
+rows sample from per-position generators (`sample.seeding`). Sequences are regrouped for attention:
+every single-token (decode) sequence in one group, each longer chunk in its own, so decodes are never
+padded to a prefill's length.
 
 A runner owns a contiguous layer range `[start, end)` of the model (all of it by default). The one
 owning layer 0 embeds the step's tokens, any other takes the previous stage's `StageBoundary`; the
@@ -22,6 +22,7 @@ from mixserve.models.base import CausalLM, KVCacheSpec
 from mixserve.runner.batch import build_group
 from mixserve.runner.stage import StageBoundary, batch_order
 from mixserve.sample import Sampler, SamplingRow, prompt_logprobs
+from mixserve.sample.seeding import position_generator
 from mixserve.structured.constraints import Constraints, StepMasks
 
 
@@ -54,7 +55,6 @@ class TorchModelRunner:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, block_size, dtype)
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(torch.Generator().manual_seed(seed))
-        self.generators: dict[str, torch.Generator] = {}
         self.constraints = constraints
         """Structured-output states of live requests (None: constraints are rejected per request)."""
 
@@ -66,8 +66,6 @@ class TorchModelRunner:
             raise ValueError(f"runner of layers [{self.start}, {self.end}) cannot sample: the last "
                              f"layer is {self.num_layers - 1}; use execute_stage")
         out = step.step if isinstance(step, StageBoundary) else step
-        for rid in out.finished_request_ids:
-            self.generators.pop(rid, None)
         if self.constraints is not None:
             self.constraints.free(out.finished_request_ids)
         if not out.seqs:
@@ -195,14 +193,12 @@ class TorchModelRunner:
         return self.constraints.masks(rows)  # type: ignore[arg-type]
 
     def _row(self, seq: ScheduledSeq, allowed: torch.Tensor | None = None) -> SamplingRow:
-        """The sampler's row for a sequence; its generator is seeded once with the spec's seed."""
+        """The sampler's row for a sequence. A seeded row's generator depends on (seed, position of the
+        token it samples) only, so a request resumed from its tokens elsewhere samples the same tokens."""
         spec = seq.spec
         generator = None
         if spec.seed is not None:
-            generator = self.generators.get(seq.request_id)
-            if generator is None:
-                generator = torch.Generator().manual_seed(spec.seed)
-                self.generators[seq.request_id] = generator
+            generator = position_generator(spec.seed, len(seq.prompt_token_ids) + len(seq.output_token_ids))
         return SamplingRow(params=spec.params, prompt_token_ids=seq.prompt_token_ids,
                            output_token_ids=seq.output_token_ids, generator=generator,
                            suppress_token_ids=spec.suppress_token_ids, allowed=allowed)

@@ -139,7 +139,7 @@ def test_every_kind_on_the_real_model(llm: LLM) -> None:
          lambda t: re.fullmatch(r"id-[0-9]{3}", t) or pytest.fail(t)),
     ]
     prompt = llm.chat_prompt(ASK)
-    outs = [llm.generate(prompt, SamplingParams(n=2, temperature=0.9, seed=i, max_tokens=60, structured=spec))[0]
+    outs = [llm.generate(prompt, SamplingParams(n=2, temperature=0.9, seed=i, max_tokens=120, structured=spec))[0]
             for i, (spec, _) in enumerate(cases)]
     for (spec, check), out in zip(cases, outs):
         assert len(out.outputs) == 2

@@ -1,0 +1,111 @@
+"""`EngineReplica`: one whole engine in one process; the ingress runs it as a Ray actor (see `pool`).
+
+A plain class (Ray wraps it with `ray.remote` lazily), so it is importable and testable without Ray.
+`generate` is an async generator (a Ray streaming method): first one `Admission` (accepted, or the
+engine's rejection with its error class and message, so the ingress raises the same 400/429), then
+lists of the request's deltas, each list holding whatever arrived since the last one (one Ray object per
+engine step at most, not per token). A consumer that stops early aborts the request.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixserve.config import EngineConfig
+from mixserve.engine.async_engine import AsyncEngine, EngineDeadError
+from mixserve.engine.engine import QueueFullError, RequestError, ResumePoint
+from mixserve.outputs import RequestOutput
+from mixserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What the ingress learns from a replica once its model is loaded."""
+
+    replica_id: str
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    max_num_seqs: int
+    block_size: int
+    pid: int
+    host: str
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The first item of every `generate` stream."""
+
+    error_kind: str | None = None
+    """None: accepted; else `RequestError`, `QueueFullError` or `EngineDeadError`."""
+    message: str = ""
+
+
+ERRORS: dict[str, type[Exception]] = {"RequestError": RequestError, "QueueFullError": QueueFullError,
+                                      "EngineDeadError": EngineDeadError}
+
+
+class EngineReplica:
+    """Loads the model of `config` and serves requests from the ingress."""
+
+    def __init__(self, replica_id: str, config: EngineConfig, cache_dir: str | None = None) -> None:
+        from mixserve.builder import build_engine  # torch: only inside the replica
+
+        built = build_engine(config, cache_dir=Path(cache_dir) if cache_dir else None)
+        self.engine = AsyncEngine(built.engine)
+        self.engine.start()
+        self.info = ReplicaInfo(replica_id=replica_id, model_path=str(built.checkpoint.path),
+                                max_model_len=built.engine.info.max_model_len,
+                                vocab_size=built.engine.info.vocab_size,
+                                max_num_seqs=config.scheduler.max_num_seqs, block_size=config.cache.block_size,
+                                pid=os.getpid(), host=socket.gethostname(), load_seconds=built.load_seconds)
+
+    def describe(self) -> ReplicaInfo:
+        return self.info
+
+    def stats(self) -> dict[str, float]:
+        """The engine's counters and gauges (snapshot of the last step); raises if the engine died."""
+        if not self.engine.healthy:
+            raise EngineDeadError(self.engine.error or "the engine is not running")
+        return dict(self.engine.stats)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None, resume: ResumePoint | None = None
+                       ) -> AsyncIterator[Admission | list[RequestOutput]]:
+        try:
+            queue = await self.engine.add(request_id, prompt_token_ids, params, prompt, resume=resume)
+        except (RequestError, QueueFullError, EngineDeadError) as exc:
+            yield Admission(type(exc).__name__, str(exc))
+            return
+        yield Admission()
+        finished = False
+        try:
+            while not finished:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                outputs: list[RequestOutput] = []
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        yield outputs
+                        yield Admission("EngineDeadError", str(item))
+                        return
+                    outputs.append(item)
+                    finished = finished or item.finished
+                yield outputs
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
