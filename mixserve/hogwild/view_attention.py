@@ -8,6 +8,9 @@ the concatenated sequence would have. Keys are never re-rotated or rewritten.
 - `attend_reference`: one run; per segment, scores -> (output, log-sum-exp); segments merged with
   weights `exp(lse_k - logsumexp_k lse_k)`. float32, plain torch: the reference, and the path for
   multi-token runs (prompt and step-header prefill).
+- `attend_prefill`: one multi-token run (prompt, step headers). Its queries outnumber its segments'
+  starts, so here the run's visible keys are gathered into a temporary buffer and rotated by their
+  segment's start (the cache is untouched), then one SDPA call with the global causal/window mask.
 - `attend_decode`: every single-token run of the pass at once. The blocks visible to any of them
   are gathered once (views share most blocks); each run's query is rotated per block by the delta
   of the block's segment in that run's view; one masked softmax over all (block, offset) scores,
@@ -23,6 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from mixserve.layers.attention import Attention, KVCache
 from mixserve.layers.rotary import RotaryEmbedding
@@ -82,12 +86,38 @@ def attend_reference(q: torch.Tensor, kv_cache: KVCache, layer: Attention, rotar
     return out.reshape(n, num_heads * head_dim).to(q.dtype)
 
 
+def attend_prefill(q: torch.Tensor, kv_cache: KVCache, layer: Attention, rotary: RotaryEmbedding,
+                   run: Run, block_size: int) -> torch.Tensor:
+    """`[n, num_heads, head_dim]` queries of one run -> `[n, num_heads * head_dim]` (see module doc)."""
+    n, num_heads, head_dim = q.shape
+    parts = [p for p in run.parts if p.length]
+    slots = torch.cat([_slots(p.segment.block_ids, p.length, block_size) for p in parts])
+    keys = kv_cache[0].index_select(0, slots).to(q.dtype)  # [num_keys, kv_heads, head_dim]
+    values = kv_cache[1].index_select(0, slots).to(q.dtype)
+    starts, shifts = 0, []
+    for p in parts:
+        shifts.append(torch.full((p.length,), starts, dtype=torch.long))
+        starts += p.length
+    if len(parts) > 1:  # keys to their global positions; the query likewise (own segment last)
+        keys = rotate_by(keys, torch.cat(shifts), rotary)
+        q = rotate_by(q, torch.full((n,), run.own_start, dtype=torch.long), rotary)
+    q_pos = run.own_start + torch.arange(run.segment.length, run.segment.length + n)
+    k_pos = torch.arange(starts)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if layer.sliding_window is not None:
+        allowed &= (q_pos[:, None] - k_pos[None, :]) < layer.sliding_window
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                         values.transpose(0, 1)[None], attn_mask=allowed[None, None],
+                                         scale=layer.scale, enable_gqa=num_heads != layer.num_kv_heads)
+    return out[0].transpose(0, 1).reshape(n, num_heads * head_dim)
+
+
 class DecodePlan:
     """Blocks, per-(run, block) deltas and visibility for the single-token runs of one pass."""
 
     def __init__(self, runs: list[Run], block_size: int) -> None:
         self.block_size = block_size
-        pieces: dict[tuple[int, int], int] = {}
+        pieces: dict[tuple[int, int, int], int] = {}  # (segment, block, occurrence in the view)
         blocks: list[int] = []
         # per run: (piece, delta, visible count, global start of the piece's first slot)
         entries: list[list[tuple[int, int, int, int]]] = []
@@ -97,9 +127,11 @@ class DecodePlan:
             self.query_pos.append(own_start + run.segment.length)
             row = []
             start = 0
+            seen: dict[int, int] = {}
             for part in run.parts:
+                occurrence = seen[id(part.segment)] = seen.get(id(part.segment), -1) + 1
                 for b in range(-(-part.length // block_size)):
-                    key = (id(part.segment), b)
+                    key = (id(part.segment), b, occurrence)
                     if key not in pieces:
                         pieces[key] = len(blocks)
                         blocks.append(part.segment.block_ids[b])

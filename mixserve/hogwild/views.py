@@ -20,14 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from mixserve.hogwild.segments import Segment, SegmentPool
-from mixserve.hogwild.view_attention import DecodePlan, attend_decode, attend_reference
+from mixserve.hogwild.view_attention import DecodePlan, attend_decode, attend_prefill, attend_reference
 from mixserve.layers.attention import Attention, KVCache
 from mixserve.layers.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)
 class ViewPart:
-    """The first `length` tokens of `segment`, as one piece of a view."""
+    """The first `length` tokens of `segment`, as one piece of a view (a segment may appear at several
+    places of one view, e.g. the pivot after each other worker: the same keys, other deltas)."""
 
     segment: Segment
     length: int
@@ -45,9 +46,8 @@ class Run:
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise ValueError(f"run into segment {self.segment.name!r} has no tokens")
-        seen = {id(p.segment) for p in self.context}
-        if len(seen) != len(self.context) or id(self.segment) in seen:
-            raise ValueError(f"run into {self.segment.name!r}: a segment appears twice in its view")
+        if any(p.segment is self.segment for p in self.context):
+            raise ValueError(f"run into {self.segment.name!r}: its own segment is also in its context")
 
     @property
     def parts(self) -> tuple[ViewPart, ...]:
@@ -80,13 +80,15 @@ class ViewBatch:
 
     Single-token runs (decodes) go through the fast path (`view_attention.attend_decode`): one gather
     of the union of their visible blocks, queries rotated per (run, block), one softmax across all
-    segments. Longer runs (and every run when `reference`) go through `attend_reference`: per
-    segment attention and a log-sum-exp merge.
+    segments. Longer runs go through `attend_prefill` (keys rotated in a temporary buffer, SDPA).
+    With `reference`, every run goes through `attend_reference` (per-segment attention with the
+    query rotated per segment, log-sum-exp merge).
     """
 
     def __init__(self, runs: list[Run], segments: SegmentPool, rotaries: dict[Attention, RotaryEmbedding],
                  reference: bool = False) -> None:
         self.runs = runs
+        self.reference = reference
         self.block_size = segments.block_size
         self.rotaries = rotaries
         ids: list[int] = []
@@ -122,6 +124,7 @@ class ViewBatch:
             out[rows] = attend_decode(q[rows], kv_cache, layer, rotary, self.decode_plan)
         for i in self.other_runs:
             rows_i = self.rows[i]
-            out[rows_i.start:rows_i.stop] = attend_reference(
+            attend = attend_reference if self.reference else attend_prefill
+            out[rows_i.start:rows_i.stop] = attend(
                 q[rows_i.start:rows_i.stop], kv_cache, layer, rotary, self.runs[i], self.block_size)
         return out

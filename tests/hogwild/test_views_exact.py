@@ -28,7 +28,7 @@ def _parts(*segments) -> tuple[ViewPart, ...]:  # type: ignore[no-untyped-def]
     return tuple(ViewPart(s, s.length) for s in segments)
 
 
-@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
 def test_chained_segments_equal_plain_forward(family_model, reference: bool) -> None:  # type: ignore[no-untyped-def]
     """A, B, C prefilled as three segments in ONE pass (each seeing the ones before it), then D decoded
     token by token over the view [A, B, C, D]: every logit equals the plain forward of A+B+C+D."""
