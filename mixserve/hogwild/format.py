@@ -114,8 +114,9 @@ class HogwildFormat:
         return self.step_prefix(name, 1) + opening
 
     def ends_step(self, step_text: str, last_token_text: str) -> bool:
-        """The step's last token holds the separator, and what comes before it ends a sentence."""
-        if self.sep not in last_token_text or self.sep not in step_text:
+        """The step's last token completes a separator (it may be split over tokens, e.g. "\n", "\n"),
+        and what comes before that separator ends a sentence."""
+        if not last_token_text or self.sep not in step_text[-(len(last_token_text) + len(self.sep) - 1):]:
             return False
         before = step_text[:step_text.rindex(self.sep)].strip()
         return bool(before) and before[-1] in self.end_of_step_chars

@@ -176,10 +176,12 @@ class HogwildSession:
             answer_text = fmt.finisher_suffix[fmt.finisher_suffix.rindex("\\boxed{"):] + self._finish()
             answer = fmt.answer(answer_text)
         computed = self.segments.num_written_tokens - written_before
-        steps = (*self.finished_steps, *(HogwildStep(w.name, w.step, self.tok.decode(w.segment.token_ids), False)
-                                         for w in self.workers))
+        open_steps = tuple(HogwildStep(w.name, w.step, self.tok.decode(w.segment.token_ids), False)
+                           for w in self.workers if w.segment.length)
+        transcript = "".join(s.text for s in self.finished_steps) + fmt.step_header() + "".join(
+            s.text + fmt.pivot_text() for s in open_steps)
         return HogwildResult(
-            answer=answer, answer_text=answer_text, transcript="".join(s.text for s in steps), steps=steps,
+            answer=answer, answer_text=answer_text, transcript=transcript, steps=(*self.finished_steps, *open_steps),
             workers=c.workers, num_passes=len(passes), num_prompt_tokens=len(prompt_ids),
             num_prefill_tokens=self.num_prefill,
             num_generated_tokens=self.num_generated, num_computed_tokens=computed,
