@@ -69,6 +69,7 @@ class HogwildStrategy:
             policy_generated_tokens=r.num_generated_tokens, computed_tokens=r.num_computed_tokens,
             flops=None if self.t.cost is None else self.t.cost.flops(
                 r.num_computed_tokens, r.num_prefill_tokens + r.num_generated_tokens / 2))
-        info = {"workers": r.workers, "passes": r.num_passes, "steps": sum(s.finished for s in r.steps),
-                "finished_by": r.finished_by, "seconds": round(r.seconds, 3)}
+        info: dict[str, float | int | str] = {
+            "workers": r.workers, "passes": r.num_passes, "steps": sum(s.finished for s in r.steps),
+            "finished_by": r.finished_by, "seconds": round(r.seconds, 3)}
         return ScaleResult(self.name, answer, text, (0,), (candidate,), usage, info)
