@@ -141,14 +141,13 @@ class DecodePlan:
             entries.append(row)
         num_runs, num_pieces = len(runs), len(blocks)
         self.blocks = torch.tensor(blocks, dtype=torch.long)  # [num_pieces]
-        self.deltas = torch.zeros(num_runs, num_pieces, dtype=torch.long)
-        self.counts = torch.zeros(num_runs, num_pieces, dtype=torch.long)
-        self.key_start = torch.zeros(num_runs, num_pieces, dtype=torch.long)
-        for r, row in enumerate(entries):
-            for piece, delta, count, key_start in row:
-                self.deltas[r, piece] = delta
-                self.counts[r, piece] = count
-                self.key_start[r, piece] = key_start
+        # Filled from flat lists in one go (element-wise tensor writes cost microseconds each).
+        flat = [(r * num_pieces + e[0], e[1], e[2], e[3]) for r, row in enumerate(entries) for e in row]
+        index = torch.tensor([f[0] for f in flat], dtype=torch.long)
+        values = torch.tensor([f[1:] for f in flat], dtype=torch.long).view(-1, 3)
+        table = torch.zeros(3, num_runs * num_pieces, dtype=torch.long)
+        table[:, index] = values.t()
+        self.deltas, self.counts, self.key_start = (t.view(num_runs, num_pieces) for t in table)
         self._biases: dict[int | None, torch.Tensor] = {}
         self._cos_sin: dict[RotaryEmbedding, tuple[torch.Tensor, torch.Tensor]] = {}
 
