@@ -153,6 +153,22 @@ class LLM:
                      strategy_id=strategy_id, on_done=on_done, budget=budget, params=params, verifier=verifier,
                      tokenizer=self.tokenizer, extract=extractor, **options)
 
+    def hogwild(self, prompt: Prompt | list[Message], workers: int = 2, max_tokens: int = 256,
+                params: SamplingParams | None = None, **options: Any) -> Any:
+        """Hogwild! inference: `workers` workers of this model solve `prompt` together over one shared
+        KV cache (mixserve/hogwild/); returns a `mixserve.hogwild.HogwildResult` (answer, transcript,
+        tokens and timings). `max_tokens`: tokens per worker; `options`: other `HogwildConfig` fields.
+        A string prompt is one user message (chat template applied).
+
+        >>> llm.hogwild("What is 17 * 23?", workers=2, max_tokens=128).answer
+        """
+        from mixserve.hogwild.api import hogwild, prompt_ids_for
+
+        if params is not None:
+            options["params"] = params
+        return hogwild(self.engine, self.tokenizer, prompt_ids_for(self.tokenizer, prompt),
+                       workers=workers, max_tokens=max_tokens, **options)
+
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield deltas (new tokens and text per sample) of one request as they are produced."""
         queue = _Queue()

@@ -10,6 +10,7 @@ through `kv_slots` and runs masked SDPA. Sequences are packed: the tokens of seq
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,15 @@ from torch import nn
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 """(k_cache, v_cache), each `[num_slots, num_kv_heads, head_dim]`."""
+
+
+class ViewAttention(Protocol):
+    """Attention over something other than each sequence's own block table (e.g. hogwild views:
+    ordered segments of shared blocks, mixserve/hogwild/). Called after the step's K/V are written."""
+
+    def attend(self, q: torch.Tensor, kv_cache: KVCache, layer: Attention) -> torch.Tensor:
+        """`[num_tokens, num_heads, head_dim]` queries -> `[num_tokens, num_heads * head_dim]`."""
+        ...
 
 
 @dataclass
@@ -39,6 +49,8 @@ class AttentionMetadata:
     """Optional split of the batch into consecutive groups of sequences, each attended separately
     (e.g. all decodes in one group, each long prefill alone) so short queries are not padded to the
     longest one. Each group's `slot_mapping` is unused (the cache write is done once for the batch)."""
+    view: ViewAttention | None = None
+    """When set, every layer attends through it instead of `kv_slots`/`groups` (hogwild views)."""
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)
     _biases: dict[tuple[str, int | None], torch.Tensor | None] = field(default_factory=dict, repr=False)
 
@@ -126,6 +138,8 @@ class Attention(nn.Module):
             k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
+        if meta.view is not None:
+            return meta.view.attend(q, kv_cache, self)
         if meta.groups is None:
             return self._attend(q, k, v, kv_cache, meta)
         outs, start = [], 0

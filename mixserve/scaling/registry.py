@@ -51,6 +51,8 @@ STRATEGIES = {
     "pf": "particle filtering with a process reward",
     "compute_optimal": "batch majority under a total budget: probe, stop easy problems, spend the rest "
                        "where the vote can still change (budget = mean samples per problem)",
+    "hogwild": "Hogwild! inference: budget workers share one KV cache and see each other's steps "
+               "(max_tokens = tokens per worker; mixserve/hogwild/)",
 }
 BATCH_STRATEGIES = {"compute_optimal"}
 """Strategies that run a whole batch of problems as one controller (`make_strategies`)."""
@@ -186,6 +188,10 @@ def _build(name: str, t: Tracker, c: ScaleConfig) -> Strategy:
         return AdaptiveConsistency(t, c)
     if name == "ffs":
         return FirstFinish(t, c)
+    if name == "hogwild":
+        from mixserve.hogwild.strategy import HogwildStrategy
+
+        return HogwildStrategy(t, c)
     if name == "beam":
         width = c.beam_width or max(1, c.budget // 4)
         return StepSearch(name, t, c, BeamPolicy(c.budget, width))
