@@ -68,8 +68,8 @@ class TorchModelRunner:
         out = step.step if isinstance(step, StageBoundary) else step
         if self.constraints is not None:
             self.constraints.free(out.finished_request_ids)
-        if not out.seqs:
-            return RunnerOutput()
+        if not out.seqs and self.start == 0 and not isinstance(step, StageBoundary):
+            return RunnerOutput()  # only finished ids to free (the engine going idle)
         seqs, hidden = self._run(step)
         return self._sample(seqs, hidden)
 

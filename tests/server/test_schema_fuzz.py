@@ -16,7 +16,7 @@ import pytest
 
 from tests.server.conftest import start_server
 
-RUN_TIMEOUT_S = 420
+RUN_TIMEOUT_S = 900
 
 
 @pytest.mark.slow
