@@ -12,7 +12,8 @@ mixserve decode with vs without a JSON-schema constraint (single stream and n sa
    thread pool (`_pool`); xgrammar's batch fill).
 2. End to end, in this process: mixserve generation of `--tokens` tokens with temperature 0.8, with and
    without the constraint. The schema (an array of at least 1000 integers) never completes within
-   the budget, so both runs produce exactly `--tokens` tokens per sample. Per-token time = wall / tokens.
+   the budget, so both runs produce exactly `--tokens` tokens per sample. Per-step time = (wall of the
+   run - wall of a 1-token run) / (tokens - 1): decode only, as the llama.cpp peer is timed.
 
 Medians of --repeats runs. Writes benchmarks/results/structured_<stamp>.json and .png.
 3. The peer, in the same run: llama.cpp (its venv in .peers/llamacpp, `bash benchmarks/setup_peers.sh
@@ -123,14 +124,18 @@ def decode_times(llm: Any, n: int, tokens: int, repeats: int) -> dict[str, float
         params = SamplingParams(n=n, temperature=0.8, seed=0, max_tokens=tokens, structured=structured,
                                 ignore_eos=structured is None)
         llm.generate(prompt, SamplingParams(n=n, temperature=0.8, max_tokens=4, structured=structured))  # warm
+        one = SamplingParams(n=n, temperature=0.8, seed=0, max_tokens=1, structured=structured,
+                             ignore_eos=structured is None)
         runs = []
         for _ in range(repeats):
             t0 = time.perf_counter()
+            llm.generate(prompt, one)  # prefill + first token, subtracted: the peer also times decode only
+            t1 = time.perf_counter()
             result = llm.generate(prompt, params)[0]
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t1 - (t1 - t0)
             generated = sum(len(o.token_ids) for o in result.outputs)
             assert generated == n * tokens, (name, generated)
-            runs.append(elapsed / tokens)  # per decode step (all n samples advance together)
+            runs.append(elapsed / (tokens - 1))  # per decode step (all n samples advance together)
         out[f"{name}_ms_per_step"] = 1e3 * statistics.median(runs)
     out["overhead_pct"] = 100 * (out["json_schema_ms_per_step"] / out["free_ms_per_step"] - 1)
     return out
