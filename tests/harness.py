@@ -6,6 +6,11 @@ one long block per sequence. `forward_packed` packs several sequences' new token
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
 import torch
 
 from mixserve.layers.attention import AttentionMetadata, KVCache
@@ -56,3 +61,21 @@ def greedy(model: torch.nn.Module, ids: list[int], max_new: int,
         logits = forward_packed(model, kv, [[out[-1]]], [len(ids) + len(out) - 1], [0])
         out.append(int(logits[-1].argmax()))
     return out
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float, interval_s: float) -> bool:
+    """Poll `url`/health until 200 (True), a failed model load or `timeout_s` (False); raises if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            health = httpx.get(f"{url}/health", timeout=2)
+            if health.status_code == 200:
+                return True
+            if health.json()["error"]["code"] == "model_load_failed":
+                return False
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    return False

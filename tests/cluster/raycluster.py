@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.harness import wait_healthy
+
 START_TIMEOUT_S = 120
 
 
@@ -110,18 +112,7 @@ def start_server(model: Path, log_dir: Path, env: dict[str, str], *extra: str) -
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**env, "PYTHONUNBUFFERED": "1"})
     server = Server(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            health = httpx.get(f"{server.url}/health", timeout=2)
-            if health.status_code == 200:
-                return server
-            if health.json()["error"]["code"] == "model_load_failed":
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+    if wait_healthy(proc, server.url, log, 180, 0.3):
+        return server
     server.stop()
     raise RuntimeError(f"server not healthy:\n{log.read_text()[-3000:]}")

@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.harness import wait_healthy
+
 START_TIMEOUT_S = 180
 MODEL_NAME = "smollm2"
 MAX_MODEL_LEN = 2048
@@ -69,19 +71,8 @@ def start_server(model_path: str, log_dir: Path, *extra: str) -> Server:
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = Server(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            health = httpx.get(f"{server.url}/health", timeout=2)
-            if health.status_code == 200:
-                return server
-            if health.json()["error"]["code"] == "model_load_failed":
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    if wait_healthy(proc, server.url, log, START_TIMEOUT_S, 0.5):
+        return server
     server.stop()
     raise RuntimeError(f"server not healthy ({START_TIMEOUT_S}s at most):\n{log.read_text()[-3000:]}")
 
