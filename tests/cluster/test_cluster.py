@@ -105,7 +105,7 @@ def test_session_header_pins_a_replica(ingress: Server) -> None:
 
 def _stream_and_act(ingress: Server, single: Server, act: Any, prompt: str) -> None:
     """Stream a long seeded request, call `act(request)` after its first chunks, check it is unchanged."""
-    kw = {"temperature": 1.0, "seed": 3, "max_tokens": 300, "extra_body": {"ignore_eos": True}}
+    kw = {"temperature": 1.0, "seed": 3, "max_tokens": 480, "extra_body": {"ignore_eos": True}}
     want = complete(single, prompt, **kw)
     stream = client(ingress).completions.create(model="tiny", prompt=prompt, stream=True, **kw)
     it = iter(stream)
@@ -116,15 +116,27 @@ def _stream_and_act(ingress: Server, single: Server, act: Any, prompt: str) -> N
     assert stream_text(head) + stream_text(it) == want
 
 
+def _until_it_lands(ingress: Server, single: Server, act: Any, landed: Any) -> None:
+    """The tiny model can finish a request on its replica before `act` reaches it (a loaded machine delays
+    the client, not the replica): then the act had nothing to move and the stream was trivially whole.
+    Try other prompts until the act met a running request; every try checks the stream."""
+    for prompt in PROMPTS:
+        _stream_and_act(ingress, single, act, prompt)
+        if landed():
+            return
+        assert wait_for(lambda: len(live(ingress)) == 2), ingress.get("/v1/cluster/replicas")
+    pytest.fail(f"the act never met a running request in {len(PROMPTS)} tries")
+
+
 def test_live_migration_keeps_the_stream(ingress: Server, single: Server) -> None:
     moves: list[Any] = []
+    before = ingress.get("/v1/cluster/replicas")["migrations"]
 
     def migrate(flight: dict[str, Any]) -> None:
         moves.append(ingress.post("/v1/cluster/migrate", {"request_id": flight["id"]}))
 
-    _stream_and_act(ingress, single, migrate, PROMPTS[2])
-    assert moves[0]["moved"] == 1, moves
-    assert ingress.get("/v1/cluster/replicas")["migrations"] >= 1
+    _until_it_lands(ingress, single, migrate, lambda: moves[-1]["moved"] == 1)
+    assert ingress.get("/v1/cluster/replicas")["migrations"] > before
 
 
 def test_drain_then_add_a_replica(ingress: Server, single: Server) -> None:
@@ -133,8 +145,13 @@ def test_drain_then_add_a_replica(ingress: Server, single: Server) -> None:
     def drain(flight: dict[str, Any]) -> None:
         drained.append(ingress.post(f"/v1/cluster/replicas/{flight['replicas'][0]}/drain"))
 
-    _stream_and_act(ingress, single, drain, PROMPTS[0])
-    assert drained[0]["migrated"] == 1, drained
+    def landed() -> bool:
+        if drained[-1]["migrated"] == 1:
+            return True
+        ingress.post("/v1/cluster/replicas")  # drained with nothing to move: put a replica back, try again
+        return False
+
+    _until_it_lands(ingress, single, drain, landed)
     assert len(live(ingress)) == 1
     added = ingress.post("/v1/cluster/replicas")
     assert added["state"] == "ready", added
@@ -144,16 +161,21 @@ def test_drain_then_add_a_replica(ingress: Server, single: Server) -> None:
 
 
 def test_killed_replica_loses_nothing_and_is_replaced(ingress: Server, single: Server) -> None:
-    pids = {r["id"]: r["pid"] for r in live(ingress)}
     killed: list[str] = []
+    before = ingress.get("/v1/cluster/replicas")["failovers"]
 
     def kill(flight: dict[str, Any]) -> None:
+        pids = {r["id"]: r["pid"] for r in live(ingress)}
         replica = flight["replicas"][0]
         os.kill(pids[replica], signal.SIGKILL)
         killed.append(replica)
 
-    _stream_and_act(ingress, single, kill, PROMPTS[1])
+    def landed() -> bool:
+        status = ingress.get("/v1/cluster/replicas")
+        return status["failovers"] > before
+
+    _until_it_lands(ingress, single, kill, landed)
     status = ingress.get("/v1/cluster/replicas")
-    assert status["failovers"] >= 1 and status["deaths"] >= 1, status
+    assert status["deaths"] >= 1, status
     assert wait_for(lambda: len(live(ingress)) == 2), ingress.get("/v1/cluster/replicas")
-    assert killed[0] not in {r["id"] for r in live(ingress)}
+    assert not set(killed) & {r["id"] for r in live(ingress)}
