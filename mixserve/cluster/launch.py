@@ -27,6 +27,7 @@ from mixserve.cluster.ingress import SESSION, ClusterEngine
 from mixserve.cluster.metrics import ClusterCollector
 from mixserve.cluster.pool import ReplicaPool
 from mixserve.cluster.router import Router
+from mixserve.cluster.scaling import make_cluster_scaling_hook
 from mixserve.config import EngineConfig
 from mixserve.server.app import build_app
 from mixserve.server.errors import ApiError, as_api_error, error_response
@@ -93,6 +94,7 @@ async def start_cluster(state: ServerState, config: EngineConfig, cluster: Clust
     state.model_path = info.model_path
     state.metrics = ServerMetrics(state.model_name, stats=lambda: engine.stats, engine_collector=False)
     state.metrics.registry.register(ClusterCollector(state.model_name, engine))
+    state.scaling = make_cluster_scaling_hook(engine)
     state.engine = engine  # type: ignore[assignment]  # the AsyncEngine seam, over replicas
     return engine
 

@@ -9,11 +9,13 @@ engine step at most, not per token). A consumer that stops early aborts the requ
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mixserve.config import EngineConfig
 from mixserve.engine.async_engine import AsyncEngine, EngineDeadError
@@ -57,8 +59,13 @@ class EngineReplica:
         from mixserve.builder import build_engine  # torch: only inside the replica
 
         built = build_engine(config, cache_dir=Path(cache_dir) if cache_dir else None)
+        from mixserve.scaling import ModelCost
+
         self.engine = AsyncEngine(built.engine)
         self.engine.start()
+        self.tokenizer = built.checkpoint.tokenizer
+        self.cost = ModelCost.from_model(built.checkpoint.hf_config, built.model)
+        self._scales: dict[str, asyncio.Task[Any]] = {}
         self.info = ReplicaInfo(replica_id=replica_id, model_path=str(built.checkpoint.path),
                                 max_model_len=built.engine.info.max_model_len,
                                 vocab_size=built.engine.info.vocab_size,
@@ -101,6 +108,59 @@ class EngineReplica:
         finally:
             if not finished:
                 self.engine.abort(request_id)
+
+    async def scale(self, spec: Any, events: bool) -> AsyncIterator[Any]:
+        """Run a strategy (`cluster.scaling.ScaleSpec`) on this engine: an `Admission`, then lists of its
+        progress events (when `events`), then its `ScaleResult` (or an `Admission` with the error)."""
+        from mixserve.scaling.progress import ProgressController
+
+        try:
+            strategy = spec.build(self.tokenizer, self.cost)
+        except Exception as exc:  # noqa: BLE001 - the ingress validated it: unexpected, reported
+            yield Admission("RequestError", str(exc))
+            return
+        yield Admission()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def emit(event: dict[str, Any]) -> None:  # on the engine thread
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        controller = ProgressController(strategy, emit) if events else strategy
+        task = asyncio.ensure_future(self.engine.run_controller(controller))
+        self._scales[spec.strategy_id] = task
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                batch = [getter.result()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                yield batch
+            await asyncio.sleep(0)  # events emitted just before the end arrive through call_soon
+            if not queue.empty():
+                yield [queue.get_nowait() for _ in range(queue.qsize())]
+            if task.cancelled():
+                yield Admission("RequestError", "the strategy was aborted")
+                return
+            error = task.exception()
+            if error is not None:
+                kind = type(error).__name__
+                yield Admission(kind if kind in ERRORS else "StrategyFailed", str(error))
+                return
+            yield task.result()
+        finally:
+            self._scales.pop(spec.strategy_id, None)
+            if not task.done():
+                task.cancel()
+
+    def abort_scale(self, strategy_id: str) -> None:
+        task = self._scales.get(strategy_id)
+        if task is not None:
+            task.cancel()
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

@@ -103,6 +103,51 @@ def test_session_header_pins_a_replica(ingress: Server) -> None:
     assert sorted(after[r] - before.get(r, 0) for r in after) == [0, len(PROMPTS) - 1]
 
 
+STRATEGIES = ({"strategy": "majority", "budget": 3}, {"strategy": "bon", "budget": 3, "verifier": "task",
+                                                       "reference": "17", "extractor": "number"})
+
+
+def _scaled(server: Server, extra: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    out = client(server).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, extra_body=extra, **kw)
+    return out.model_dump()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_strategy_requests_match_the_single_process_server(ingress: Server, single: Server, kind: str) -> None:
+    """A strategy runs whole on one routed replica: same selection, candidates and text as one process."""
+    for extra in STRATEGIES:
+        got, want = _scaled(ingress, extra, **KINDS[kind]), _scaled(single, extra, **KINDS[kind])
+        assert got["choices"] == want["choices"]
+        assert got["scaling"] == want["scaling"] and len(got["scaling"]["candidates"]) == 3
+        assert got["usage"]["scaling"]["num_samples"] == 3
+
+
+def test_streamed_strategy_progress_matches(ingress: Server, single: Server) -> None:
+    def run(server: Server) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        stream = client(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=8, temperature=1.0,
+            seed=5, stream=True, extra_body=STRATEGIES[1])
+        chunks = [c.model_dump() for c in stream]
+        events = [{k: v for k, v in c["scaling_event"].items() if k not in ("request_id", "key")}
+                  for c in chunks if c.get("scaling_event")]
+        return events, chunks[-1]
+
+    (got_events, got_final), (want_events, want_final) = run(ingress), run(single)
+    kinds = [e["event"] for e in got_events]
+    assert kinds.count("candidate") == 3 and kinds.count("score") == 3 and kinds[-1] == "selection"
+    assert sorted(map(str, got_events)) == sorted(map(str, want_events))
+    assert got_final["choices"] == want_final["choices"] and got_final["scaling"] == want_final["scaling"]
+
+
+def test_bad_strategy_gives_the_same_400(ingress: Server, single: Server) -> None:
+    for extra in ({"strategy": "telepathy"}, {"strategy": "majority", "budget": 0},
+                  {"strategy": "bon", "verifier": "task"}):
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4, **extra}
+        got, want = (httpx.post(s.url + "/v1/completions", json=body, timeout=60) for s in (ingress, single))
+        assert got.status_code == want.status_code == 400, got.text
+        assert got.json() == want.json()
+
+
 def _stream_and_act(ingress: Server, single: Server, act: Any, prompt: str) -> None:
     """Stream a long seeded request, call `act(request)` after its first chunks, check it is unchanged."""
     kw = {"temperature": 1.0, "seed": 3, "max_tokens": 480, "extra_body": {"ignore_eos": True}}
