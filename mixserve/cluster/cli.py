@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mixserve.cluster.config import ClusterConfig
+from mixserve.config import ConfigError
 from mixserve.flags import add_flags, values_from
 
 
@@ -22,6 +23,10 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
 def serve_ray(args: argparse.Namespace, config: object, options: object) -> int:
     """Run the cluster server; a clear error when Ray is not installed."""
     cluster = cluster_config(args)  # validate before importing Ray
+    if len(getattr(args, "all_models", None) or []) > 1 or getattr(args, "models_file", None) or \
+            getattr(args, "mixture", None):
+        raise ConfigError("invalid --ray with several models: `serve --ray` serves one model from engine replicas; "
+                          "run a mixture on the cluster with `mixserve mixture run --ray`", field="ray")
     try:
         import ray  # noqa: F401
     except ImportError:

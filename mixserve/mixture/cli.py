@@ -38,6 +38,9 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--moa-layers", type=int, default=2)
     run.add_argument("--scheduling", choices=["grouped", "per-question"], default="grouped")
     run.add_argument("--out", default=None, help="write every answer and the batch report as JSON")
+    from mixserve.cluster.mixcli import add_run_args
+
+    add_run_args(run)
     run.set_defaults(func=cmd_run)
 
 
@@ -154,8 +157,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     pool, expert_of, grader, questions, skills = _setup(args)
     mapper = KeywordMapper(profiles.vocabulary(), MiniLMEmbedder()) if "symbolic" in methods else None
     annotator = args.annotator or pool.names[0]
-    mixture = Mixture(pool, expert_of, profiles, grader, config, skills, mapper,
-                      annotator)
+    cluster = None
+    if getattr(args, "ray", False):
+        from mixserve.cluster.mixcli import start_cluster_pool
+
+        cluster = start_cluster_pool(args)
+        pool, expert_of = cluster.pool, cluster.pool.expert_of
+    try:
+        return _run_methods(args, methods, questions, Mixture(
+            pool, expert_of, profiles, grader, config, skills, mapper, annotator,
+            executor=cluster.pool.run_grouped if cluster is not None else None), cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_methods(args: argparse.Namespace, methods: list[str], questions: list[Any], mixture: Any,
+                 cluster: Any) -> int:
     rows, dump = [], {}
     for method in methods:
         run = mixture.run(questions, method)
@@ -167,9 +185,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                                      "recruited": x.recruited, "answer": x.answer, "reference": x.question.reference,
                                      "correct": x.correct, "answers": x.answers, "final": x.final}
                                     for x in run.results]}
+        if cluster is not None:
+            dump[method]["replicas"] = cluster.pool.replicas()  # cumulative, after this method
     print(f"{'method':<10} {'accuracy':>8} {'wall s':>8} {'loads':>6} {'switches':>8} {'MiB loaded':>10}")
     for method, acc, wall, loads, switches, nbytes in rows:
         print(f"{method:<10} {acc:>8.3f} {wall:>8.1f} {loads:>6} {switches:>8} {nbytes / 2**20:>10.0f}")
+    if cluster is not None:
+        from mixserve.cluster.mixcli import print_replicas
+
+        print_replicas(cluster.pool.replicas())
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dump, f, indent=1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from mixserve.mixture.skills import KeywordExtractor, KeywordMapper, SkillConfig
 Method = Literal["symbolic", "single", "random", "majority", "moa"]
 METHODS: tuple[str, ...] = ("symbolic", "single", "random", "majority", "moa")
 Scheduling = Literal["grouped", "per-question"]
+Executor = Callable[[list[Job], Any, ExpertOf], tuple[dict[Hashable, ExpertAnswer], BatchReport]]
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class MixtureRun:
 class Mixture:
     def __init__(self, pool: ModelPool[Any], expert_of: ExpertOf, profiles: Profiles, grader: Grader,
                  config: MixtureConfig = MixtureConfig(), skills: SkillConfig | None = None,
-                 mapper: KeywordMapper | None = None, annotator: str | None = None) -> None:
+                 mapper: KeywordMapper | None = None, annotator: str | None = None,
+                 executor: Executor | None = None) -> None:
         unknown = [m for m in profiles.models if m not in pool.names]
         if unknown:
             raise ConfigError(f"profiles name models the pool does not have: {unknown} (pool: {pool.names})",
@@ -89,6 +91,8 @@ class Mixture:
         self.pool, self.expert_of, self.profiles, self.grader = pool, expert_of, profiles, grader
         self.config, self.skills, self.mapper = config, skills or SkillConfig(), mapper
         self.annotator = annotator or profiles.models[0]
+        self.executor = executor
+        """Runs a batch of jobs grouped by model instead of `run_grouped` (the cluster's pool replicas)."""
 
     # -- choices ------------------------------------------------------------------------------
     def aggregator(self) -> str:
@@ -100,7 +104,7 @@ class Mixture:
 
     # -- stages -------------------------------------------------------------------------------
     def _execute(self, jobs: list[Job]) -> tuple[dict[Hashable, ExpertAnswer], BatchReport]:
-        run = run_grouped if self.config.scheduling == "grouped" else run_per_question
+        run = (self.executor or run_grouped) if self.config.scheduling == "grouped" else run_per_question
         return run(jobs, self.pool, self.expert_of)
 
     def keywords(self, questions: list[Question]) -> tuple[list[list[str]], BatchReport]:

@@ -115,6 +115,11 @@ class ModelPool(Generic[T]):
         entry = self._entry(name)
         return entry.handle if entry.state == "loaded" else None  # type: ignore[no-any-return]
 
+    def loaded(self) -> list[str]:
+        """Loaded models, least recently used first."""
+        with self._cond:
+            return [m for m in self._lru if self._entries[m].state == "loaded"]
+
     def resident_bytes(self) -> int:
         with self._cond:
             return self._resident()

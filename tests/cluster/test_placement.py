@@ -1,0 +1,48 @@
+"""Model placement of the cluster's model pool (pure Python: the replicas' reports are given)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixserve.cluster.mixture import ClusterModelPool, GroupsDone, PoolStatus
+from mixserve.mixture.pool import PoolError
+
+MIB = 1 << 20
+
+
+def status(rid: str, loaded: tuple[str, ...] = (), resident: int = 0, budget: int = 100 * MIB) -> PoolStatus:
+    return PoolStatus(rid, budget, resident, loaded, len(loaded), 0, resident, 0.0, 1, "host")
+
+
+def pool(*statuses: PoolStatus) -> ClusterModelPool:
+    return ClusterModelPool({}, {"a": 60 * MIB, "b": 60 * MIB, "c": 60 * MIB, "huge": 200 * MIB},
+                            {s.replica_id: s for s in statuses})
+
+
+def test_a_held_model_stays_where_it_is() -> None:
+    p = pool(status("p0"), status("p1", ("b",), 60 * MIB))
+    assert p.place("b") == "p1" and p.state("b") == "loaded" and p.state("a") == "unloaded"
+
+
+def test_an_unheld_model_goes_where_there_is_room_counting_the_plan() -> None:
+    p = pool(status("p0"), status("p1", ("b",), 60 * MIB))
+    assert p.place("a") == "p0"
+    p = pool(status("p0"), status("p1"))
+    assert p.place("a") == "p0" and p.place("b", planned={"p0": 60 * MIB}) == "p1"
+
+
+def test_no_room_evicts_where_the_least_recently_used_model_is() -> None:
+    p = pool(status("p0", ("a",), 60 * MIB), status("p1", ("b",), 60 * MIB))
+    p.absorb(GroupsDone([], [], [], p.status["p0"]), ["a"])
+    p.absorb(GroupsDone([], [], [], p.status["p1"]), ["b"])  # b used after a
+    assert p.place("c") == "p0"
+    p.absorb(GroupsDone([], [], [], p.status["p0"]), ["a"])  # now a is the most recent
+    assert p.place("c") == "p1"
+
+
+def test_unknown_and_too_large_models_are_clear_errors() -> None:
+    p = pool(status("p0"))
+    with pytest.raises(PoolError, match="unknown model 'zz'"):
+        p.place("zz")
+    with pytest.raises(PoolError, match="more than any replica's budget"):
+        p.place("huge")
