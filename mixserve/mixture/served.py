@@ -69,9 +69,13 @@ class ServedMixture:
     """One `mixture/<name>` model: batches concurrent questions and runs the mixture on the pool."""
 
     def __init__(self, name: str, profiles: Profiles, pool: ModelPool[Any], params: SamplingParams,
-                 window_s: float = 0.05) -> None:
+                 window_s: float = 0.05, expert_of: Any = None, executor: Any = None) -> None:
         self.name = PREFIX + name
         self.profiles, self.pool, self.params, self.window_s = profiles, pool, params, window_s
+        self.expert_of = expert_of
+        """None: engines of this process (`EngineExpert`); the cluster passes its pool's remote experts."""
+        self.executor = executor
+        """The `Mixture` executor (None: `run_grouped` in this process)."""
         self.mapper: KeywordMapper | None = None
         self.pending: list[_Pending] = []
         self.lock = asyncio.Lock()
@@ -79,8 +83,9 @@ class ServedMixture:
     def _mixture(self, loop: asyncio.AbstractEventLoop) -> Mixture:
         if self.mapper is None:
             self.mapper = KeywordMapper(self.profiles.vocabulary(), MiniLMEmbedder())
-        return Mixture(self.pool, lambda _n, state: EngineExpert(state, self.params, loop), self.profiles,
-                       TaskGrader(), MixtureConfig(), mapper=self.mapper)
+        expert_of = self.expert_of or (lambda _n, state: EngineExpert(state, self.params, loop))
+        return Mixture(self.pool, expert_of, self.profiles, TaskGrader(), MixtureConfig(), mapper=self.mapper,
+                       executor=self.executor)
 
     async def answer(self, text: str) -> tuple[MixtureRun, int]:
         """Queue one question; the first waiter of a window runs the whole batch."""
