@@ -54,6 +54,10 @@ class ClusterEngine:
         """Samples resumed on another replica after theirs died."""
         self.num_migrations = 0
         self.migration_pauses_s: list[float] = []
+        self.strategies: dict[str, str] = {}
+        """Strategy requests running (`cluster.scaling`): strategy id -> replica id."""
+        self.num_strategy_reruns = 0
+        """Strategies rerun on another replica after theirs died."""
         self.failover_pauses_s: list[float] = []
         self._prefix = uuid.uuid4().hex[:8]
         self._counter = itertools.count()
@@ -110,7 +114,8 @@ class ClusterEngine:
             leg.replica.actor.abort.remote(leg.remote_id)
 
     async def run_controller(self, controller: Any) -> Any:
-        raise RequestError("inference-time scaling strategies are not available on the Ray cluster yet")
+        raise RequestError("controllers do not cross to replicas: strategy requests run through "
+                           "cluster.scaling (the ingress's scaling hook)")
 
     def shutdown(self) -> None:
         self._closed = True

@@ -157,6 +157,7 @@ def add_cluster_routes(app: FastAPI, holder: dict[str, Any]) -> None:
                 "host": h.info.host if h.info else None, "inflight": h.num_inflight, "routed": h.num_routed,
                 "stats": h.stats} for h in sorted(e.pool.replicas.values(), key=lambda h: h.replica_id)],
                 "failovers": e.num_failovers, "migrations": e.num_migrations, "deaths": e.pool.num_deaths,
+                "strategy_reruns": e.num_strategy_reruns,
                 "failover_pauses_s": e.failover_pauses_s, "migration_pauses_s": e.migration_pauses_s}
         return await guarded(run)
 
@@ -176,9 +177,11 @@ def add_cluster_routes(app: FastAPI, holder: dict[str, Any]) -> None:
     @app.get("/v1/cluster/requests")
     async def requests() -> Any:
         async def run() -> Any:
+            e = engine()
             return {"requests": [{"id": f.request_id, "replicas": sorted(leg.replica.replica_id for leg in f.legs),
                                   "tokens": {i: len(p.token_ids) for i, p in f.progress.items()}}
-                                 for f in engine().flights.values()]}
+                                 for f in e.flights.values()],
+                    "strategies": [{"id": sid, "replicas": [rid]} for sid, rid in e.strategies.items()]}
         return await guarded(run)
 
     @app.post("/v1/cluster/migrate")

@@ -82,6 +82,7 @@ async def run_remote(engine: Any, spec: ScaleSpec, on_event: Callable[[Event], N
         handle = await _pick(engine, spec, tried, session)
         tried.add(handle.replica_id)
         handle.num_inflight += 1
+        engine.strategies[spec.strategy_id] = handle.replica_id
         stream = handle.actor.scale.options(num_returns="streaming").remote(spec, on_event is not None)
         try:
             async for ref in stream:
@@ -107,8 +108,10 @@ async def run_remote(engine: Any, spec: ScaleSpec, on_event: Callable[[Event], N
             if not (is_replica_failure(exc) or isinstance(exc, ReplicaFailed)):
                 raise
             engine.pool.mark_dead(handle, exc)
+            engine.num_strategy_reruns += 1
         finally:
             handle.num_inflight -= 1
+            engine.strategies.pop(spec.strategy_id, None)
 
 
 async def _pick(engine: Any, spec: ScaleSpec, tried: set[str], session: str | None) -> ReplicaHandle:

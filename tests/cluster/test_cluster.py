@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -107,8 +108,9 @@ STRATEGIES = ({"strategy": "majority", "budget": 3}, {"strategy": "bon", "budget
                                                        "reference": "17", "extractor": "number"})
 
 
-def _scaled(server: Server, extra: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    out = client(server).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, extra_body=extra, **kw)
+def _scaled(server: Server, extra: dict[str, Any], max_tokens: int = 8, **kw: Any) -> dict[str, Any]:
+    out = client(server).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=max_tokens,
+                                            extra_body=extra, **kw)
     return out.model_dump()  # type: ignore[no-any-return]
 
 
@@ -224,3 +226,28 @@ def test_killed_replica_loses_nothing_and_is_replaced(ingress: Server, single: S
     assert status["deaths"] >= 1, status
     assert wait_for(lambda: len(live(ingress)) == 2), ingress.get("/v1/cluster/replicas")
     assert not set(killed) & {r["id"] for r in live(ingress)}
+
+
+def test_killed_replica_mid_strategy_reruns_it(ingress: Server, single: Server) -> None:
+    """The replica running a strategy dies: the strategy reruns elsewhere with the same candidates."""
+    extra, kw = {"strategy": "majority", "budget": 3, "ignore_eos": True}, {"temperature": 1.0, "seed": 9}
+    want = _scaled(single, extra, max_tokens=480, **kw)
+    before = ingress.get("/v1/cluster/replicas")["strategy_reruns"]
+    for _ in range(3):
+        assert wait_for(lambda: len(live(ingress)) == 2), ingress.get("/v1/cluster/replicas")
+        with ThreadPoolExecutor(1) as threads:
+            future = threads.submit(_scaled, ingress, extra, 480, **kw)
+            running: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 60
+            while not running and not future.done() and time.monotonic() < deadline:
+                running = ingress.get("/v1/cluster/requests")["strategies"]
+            if running:
+                pids = {r["id"]: r["pid"] for r in live(ingress)}
+                os.kill(pids[running[0]["replicas"][0]], signal.SIGKILL)
+            got = future.result(timeout=300)
+        assert got["choices"] == want["choices"] and got["scaling"] == want["scaling"]
+        if ingress.get("/v1/cluster/replicas")["strategy_reruns"] > before:
+            break
+    else:
+        pytest.fail("the kill never met a running strategy in 3 tries")
+    assert wait_for(lambda: len(live(ingress)) == 2), ingress.get("/v1/cluster/replicas")
