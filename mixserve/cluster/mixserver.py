@@ -162,7 +162,8 @@ def make_mixture_cluster_app(specs: list[ModelSpec], mixtures: dict[str, str], b
         if router.pool is None:
             return error_response(as_api_error(ApiError(503, "the cluster is still starting", code="loading")))
         pool = router.pool
-        return {"replicas": pool.replicas(), "placement": {m: pool.holder(m) for m in pool.names}}
+        return {"replicas": pool.replicas(), "placement": {m: pool.holder(m) for m in pool.names},
+                "deaths": pool.num_deaths}
 
     return app, front
 

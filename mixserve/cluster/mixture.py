@@ -17,10 +17,11 @@ uses (`names`, `state`, `use`, `events`) and `expert_of`, so every stage (keywor
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ from mixserve.mixture.models import ModelSpec
 from mixserve.mixture.pool import PoolError, PoolEvent
 from mixserve.mixture.schedule import BatchReport, Job, ModelCompute, group_by_model
 from mixserve.sampling_params import SamplingParams
+
+log = logging.getLogger("mixserve.cluster")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,10 @@ class ClusterModelPool:
     estimates: dict[str, int]
     status: dict[str, PoolStatus]
     events: list[PoolEvent] = field(default_factory=list)
+    get: Callable[[Any], Any] | None = None
+    """Resolves a replica call (None: `ray.get`; tests pass fakes)."""
+    num_deaths: int = 0
+    """Pool replicas found dead (dropped; their groups rerun on the others)."""
     _tick: int = 0
     _used: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -186,7 +193,6 @@ class ClusterModelPool:
                     ) -> tuple[dict[Hashable, ExpertAnswer], BatchReport]:
         """The `Mixture` executor: every model's jobs as one group on the replica placed for it, all
         replicas at once (signature of `schedule.run_grouped`; `pool` and `expert_of` are this pool's)."""
-        import ray
 
         start = time.perf_counter()
         resident = [m for m in self.names if self.holder(m) is not None]
@@ -201,8 +207,12 @@ class ClusterModelPool:
                 for rid, groups in plan.items()}
         report = BatchReport()
         answers: dict[Hashable, ExpertAnswer] = {}
+        lost: list[Job] = []
         for rid, ref in refs.items():
-            done: GroupsDone = ray.get(ref)
+            done = self._resolve(rid, ref)
+            if done is None:  # the replica died: its groups go to the others, placed again
+                lost += [job for _, group in plan[rid] for job in group]
+                continue
             self.absorb(done, [m for m, _ in plan[rid]])
             report.switches += len(plan[rid])
             for (model, group), outs, seconds in zip(plan[rid], done.answers, done.seconds, strict=True):
@@ -220,8 +230,34 @@ class ClusterModelPool:
                     report.load_seconds += event.seconds
                 elif event.kind == "evict":
                     report.evictions += 1
+        if lost:
+            more, more_report = self.run_grouped(lost)
+            answers.update(more)
+            report.add(more_report)
         report.wall_seconds = time.perf_counter() - start
         return answers, report
+
+    def _resolve(self, rid: str, ref: Any) -> GroupsDone | None:
+        """A replica call's result; None when the replica died (it is dropped; raises if none is left)."""
+        from mixserve.cluster.pool import is_replica_failure
+
+        get = self.get
+        if get is None:
+            import ray
+
+            get = ray.get
+        try:
+            return get(ref)  # type: ignore[no-any-return]
+        except Exception as exc:
+            if not is_replica_failure(exc):
+                raise
+            log.warning("pool replica %s is gone: %s", rid, exc)
+            self.num_deaths += 1
+            self.actors.pop(rid, None)
+            self.status.pop(rid, None)
+            if not self.status:
+                raise PoolError("every pool replica is gone", code="pool_unavailable") from exc
+            return None
 
     def replicas(self) -> list[dict[str, Any]]:
         """Per replica: budget, resident bytes, loaded models, loads, evictions, bytes loaded."""
@@ -243,9 +279,11 @@ class RemoteExpert:
     handle: RemoteModel
 
     def generate(self, requests: list[ExpertRequest]) -> list[ExpertAnswer]:
-        import ray
-
-        done: GroupsDone = ray.get(self.pool.actors[self.handle.replica_id].run_groups.remote(
-            [(self.handle.model, requests)]))
-        self.pool.absorb(done, [self.handle.model])
-        return done.answers[0]
+        while True:
+            rid = self.handle.replica_id
+            if rid not in self.pool.actors:  # its replica died: placed again
+                rid = self.handle.replica_id = self.pool.place(self.handle.model)
+            done = self.pool._resolve(rid, self.pool.actors[rid].run_groups.remote([(self.handle.model, requests)]))
+            if done is not None:
+                self.pool.absorb(done, [self.handle.model])
+                return done.answers[0]

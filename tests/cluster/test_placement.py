@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import ray.exceptions
 
 from mixserve.cluster.mixture import ClusterModelPool, GroupsDone, PoolStatus
-from mixserve.mixture.pool import PoolError
+from mixserve.mixture.experts import ExpertAnswer, ExpertRequest, Question
+from mixserve.mixture.pool import PoolError, PoolEvent
+from mixserve.mixture.schedule import Job
 
 MIB = 1 << 20
 
@@ -46,3 +51,38 @@ def test_unknown_and_too_large_models_are_clear_errors() -> None:
         p.place("zz")
     with pytest.raises(PoolError, match="more than any replica's budget"):
         p.place("huge")
+
+
+class FakeReplica:
+    """`actor.run_groups.remote(groups)`: answers naming the replica, or (dead) Ray's actor error."""
+
+    def __init__(self, rid: str, dead: bool = False) -> None:
+        self.rid, self.dead = rid, dead
+        self.run_groups = self
+
+    def remote(self, groups: list[tuple[str, list[ExpertRequest]]]) -> Any:
+        if self.dead:
+            return ray.exceptions.RayActorError(error_msg="killed")
+        models = tuple(m for m, _ in groups)
+        return GroupsDone([[ExpertAnswer(f"{self.rid}:{m}:{r.prompt}") for r in reqs] for m, reqs in groups],
+                          [0.0] * len(groups), [PoolEvent("load", m, 60 * MIB, 0.0, 0.0) for m in models],
+                          status(self.rid, models[-1:], 60 * MIB))
+
+
+def resolve(ref: Any) -> Any:
+    if isinstance(ref, Exception):
+        raise ref
+    return ref
+
+
+def test_a_dead_replica_s_groups_rerun_on_the_others() -> None:
+    p = pool(status("p0"), status("p1"))
+    p.actors, p.get = {"p0": FakeReplica("p0", dead=True), "p1": FakeReplica("p1")}, resolve
+    q = Question("q", "?")
+    jobs = [Job(("q", i), m, ExpertRequest(q, f"x{i}")) for i, m in enumerate("ab")]
+    answers, report = p.run_grouped(jobs)
+    assert {k: a.text for k, a in answers.items()} == {("q", 0): "p1:a:x0", ("q", 1): "p1:b:x1"}
+    assert p.num_deaths == 1 and list(p.actors) == ["p1"] and report.loads == 2
+    p.actors["p1"].dead = True
+    with pytest.raises(PoolError, match="every pool replica is gone"):
+        p.run_grouped(jobs)
