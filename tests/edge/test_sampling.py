@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -30,6 +31,14 @@ PARAMS = {
     "penalties": dict(temperature=1.2, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4,
                       logit_bias={3: 4.0, 7: -100.0}),
 }
+
+
+@functools.lru_cache(maxsize=4)
+def unsplit(path: str) -> Any:
+    """The real engine over the same checkpoint (one per model for the whole module)."""
+    from mixserve.llm import LLM
+
+    return LLM(path, num_blocks=16, block_size=16, max_model_len=64)
 
 
 def params(name: str, seed: int = 11, **kw: Any) -> SamplingParams:
@@ -57,25 +66,26 @@ def run_edge(split: Split, k: int, tau: float, p: SamplingParams, **kw: Any) -> 
                          stopping=Stopping(p.ignore_eos, p.min_tokens, p.stop_token_ids))
 
 
+SEEDS = {"plain": 11, "filters": 2**63 + 5, "penalties": -3}
+
+
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_always_defer_samples_the_unsplit_engines_tokens(split: Split, name: str) -> None:
-    from mixserve.llm import LLM
+    p = params(name, SEEDS[name])
+    want = list(unsplit(str(split.path)).generate([PROMPT], p)[0].outputs[0].token_ids)
+    result = run_edge(split, 2, 1.5, p)
+    assert result.token_ids == want
+    assert result.sources == ["cloud"] * MAX_TOKENS
 
-    llm = LLM(str(split.path), num_blocks=16, block_size=16, max_model_len=64)
-    for seed in (11, 2**63 + 5):
-        p = params(name, seed)
-        want = list(llm.generate([PROMPT], p)[0].outputs[0].token_ids)
-        result = run_edge(split, 2, 1.5, p)
-        assert result.token_ids == want, (name, seed)
-        assert result.sources == ["cloud"] * MAX_TOKENS
-    # different seeds give different samples (the test would be vacuous otherwise)
-    assert run_edge(split, 2, 1.5, params(name, 1)).token_ids != run_edge(split, 2, 1.5, params(name, 2)).token_ids
+
+def test_seeds_matter(llama: Split) -> None:
+    # different seeds give different samples (the equality above would be vacuous otherwise)
+    one, two = (run_edge(llama, 2, 1.5, params("plain", seed)).token_ids for seed in (1, 2))
+    assert one != two
 
 
 def test_min_tokens_and_logprobs_follow_the_engine(llama: Split) -> None:
-    from mixserve.llm import LLM
-
-    llm = LLM(str(llama.path), num_blocks=16, block_size=16, max_model_len=64)
+    llm = unsplit(str(llama.path))
     p = SamplingParams(temperature=1.0, seed=5, max_tokens=MAX_TOKENS, min_tokens=6, stop_token_ids=(9,),
                        logit_bias={9: 6.0}, logprobs=3)
     want = llm.generate([PROMPT], p)[0].outputs[0]
