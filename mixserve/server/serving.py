@@ -49,6 +49,8 @@ class ServerState:
     state); None: this state serves its one model."""
     render_metrics: Callable[[], bytes] | None = None
     """Multi-model servers: renders /metrics for every model and the pool."""
+    cloud: Any = None
+    """`mixserve serve --cloud-split-layer K`: the `mixserve.edge` CloudService behind /v1/edge/ws."""
     usage_extra: Callable[[list[str]], dict[str, Any]] | None = None
     """Extra usage fields of a response from its engine request ids (the split edge: where tokens were
     decided, link bytes); None: none."""
