@@ -140,3 +140,31 @@ def test_old_versions_and_bad_sampling_blocks_are_refused(llama: Split) -> None:
 def test_sampling_block_round_trips() -> None:
     s = for_sample(params("penalties", seed=2**64 - 1), 7, 2**64 - 1)
     assert SplitSampling.from_json(s.to_json()) == s and s.needs_ids and not s.is_default
+
+
+def test_naive_split_and_rebuilt_sessions_sample_the_same(llama: Split) -> None:
+    p = params("penalties", seed=9)
+    want = list(unsplit(str(llama.path)).generate([PROMPT], p)[0].outputs[0].token_ids)
+    assert run_edge(llama, 2, 1.5, p, naive=True).token_ids == want  # params + ids in every INFER_FULL
+    service = llama.cloud(2)
+    edge, _ = llama.edge(service, 2, tau=1.5)
+    edge.eos_token_ids = (2,)
+
+    def evict(token: int, source: str, entry: object) -> bool:
+        if len(service.manager.sessions) and edge.stats.num_tokens in (3, 7):
+            service.manager.sessions.clear()  # as a restart or an eviction would
+        return False
+
+    result = edge.generate(PROMPT, MAX_TOKENS, sampling=for_sample(p, len(PROMPT), p.seed),
+                           stopping=Stopping(True), on_step=evict)
+    assert result.token_ids == want and result.sources == ["cloud"] * MAX_TOKENS
+    assert edge.link.num_rebuilds == 2  # reopened with the sampling block, resent with the token ids
+
+
+def test_standalone_fallback_draws_the_edge_only_sample(llama: Split) -> None:
+    p = params("filters", seed=4)
+    edge, _ = llama.edge(None, 2, tau=1.5)  # no cloud at all: every deferral falls back
+    result = edge.generate(PROMPT, MAX_TOKENS, sampling=for_sample(p, len(PROMPT), p.seed),
+                           stopping=Stopping(True))
+    assert result.sources == ["standalone"] * MAX_TOKENS
+    assert result.token_ids == edge_only(llama.model, 2, p, MAX_TOKENS)

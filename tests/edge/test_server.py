@@ -101,3 +101,16 @@ def test_chat_refusals_and_metrics(client: TestClient) -> None:
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-split"
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/edge/health").json()["cloud_connected"] is True
+
+
+def test_without_a_cloud_usage_counts_standalone_tokens(llama: Split) -> None:
+    from mixserve.edge.server import build_edge_app
+
+    llm = EdgeLLM(str(llama.path), None, 2, exit_threshold=1.5, max_len=64, loaded=None)
+    with TestClient(build_edge_app(llm, "tiny-split")) as c:
+        body = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "ignore_eos": True,
+                                               "temperature": 1.0, "seed": 2, "n": 3}).json()
+        assert len({choice["text"] for choice in body["choices"]}) > 1
+        usage = body["usage"]
+        assert (usage["standalone_tokens"], usage["deferred_tokens"], usage["cloud_tokens"]) == (15, 15, 0)
+        assert c.get("/edge/health").json()["cloud_connected"] is False
