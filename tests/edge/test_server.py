@@ -114,3 +114,30 @@ def test_without_a_cloud_usage_counts_standalone_tokens(llama: Split) -> None:
         usage = body["usage"]
         assert (usage["standalone_tokens"], usage["deferred_tokens"], usage["cloud_tokens"]) == (15, 15, 0)
         assert c.get("/edge/health").json()["cloud_connected"] is False
+
+
+def test_an_aborted_request_stops_and_reports_abort(llama: Split) -> None:
+    import asyncio
+
+    from mixserve.edge.engine import EdgeEngine
+    from mixserve.outputs import FinishReason
+    from mixserve.sampling_params import SamplingParams
+
+    engine = EdgeEngine(EdgeLLM(str(llama.path), None, 2, exit_threshold=0.0, max_len=64))
+    engine.start()
+
+    async def run() -> list[object]:
+        queue = await engine.add("r1", PROMPT, SamplingParams(max_tokens=40, ignore_eos=True, n=2, seed=1))
+        outs = [await queue.get()]  # the first token is out: abort the rest
+        engine.abort("r1")
+        while not getattr(outs[-1], "finished", True):
+            outs.append(await asyncio.wait_for(queue.get(), 30))
+        return outs
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    parts = [p for out in outs for p in out.outputs]  # type: ignore[attr-defined]
+    assert {p.index for p in parts if p.finish_reason is FinishReason.ABORT} == {0, 1}
+    assert sum(len(p.token_ids) for p in parts) < 40
