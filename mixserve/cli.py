@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mixserve.config import SECTION_PREFIXES, SECTION_TYPES, EngineConfig
+from mixserve.config import SECTION_PREFIXES, SECTION_TYPES, ConfigError, EngineConfig
 from mixserve.flags import Flag, add_flags, parse_size, values_from
 from mixserve.mixture.cli import RepeatableModel, add_serve_args, serve_models
 from mixserve.sampling_params import SamplingParams
@@ -153,7 +153,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = RequestLimits(**{name: getattr(args, name) for name in LIMIT_HELP})
     options = ServeOptions(host=args.host, port=args.port, served_model_name=args.served_model_name,
                            shutdown_timeout_s=args.shutdown_timeout, reject_unknown_fields=args.reject_unknown_fields,
-                           cache_dir=args.cache_dir, log_level=args.log_level, limits=limits)
+                           cache_dir=args.cache_dir, log_level=args.log_level, limits=limits,
+                           cloud_split_layer=args.cloud_split_layer)
+    pooled_args = args.models_file or len(getattr(args, "all_models", None) or []) > 1 or args.mixture
+    if args.cloud_split_layer is not None and (args.ray or pooled_args):
+        raise ConfigError(f"invalid --cloud-split-layer {args.cloud_split_layer}: edge sessions are served by the "
+                          f"single-model server only (not with --ray or a model pool)", field="cloud_split_layer")
     if args.ray:
         from mixserve.cluster.cli import serve_ray
 
@@ -228,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--reject-unknown-fields", action="store_true",
                      help="answer 400 to unknown request fields instead of ignoring them")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--cloud-split-layer", type=int, default=None, metavar="K",
+                     help="also serve edge sessions of a split model (layers [K, L)) on ws://HOST:PORT/v1/edge/ws")
     _add_limit_args(srv)
     _add_model_args(srv)
     srv.set_defaults(max_num_waiting=256)  # a server answers 429 rather than queue without bound

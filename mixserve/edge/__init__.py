@@ -6,6 +6,7 @@ from mixserve.edge.codec import Codec
 from mixserve.edge.config import CloudConfig, EdgeConfig
 from mixserve.edge.edge import EdgeResult, EdgeRunner, EdgeStats
 from mixserve.edge.frames import Frame, FrameError, FrameKind
+from mixserve.edge.sampling import SplitSampling, TokenPicker
 
 __all__ = ["Codec", "CloudConfig", "CloudContextManager", "CloudService", "EdgeConfig", "EdgeResult",
-           "EdgeRunner", "EdgeStats", "Frame", "FrameError", "FrameKind"]
+           "EdgeRunner", "EdgeStats", "Frame", "FrameError", "FrameKind", "SplitSampling", "TokenPicker"]

@@ -19,11 +19,13 @@ from mixserve.config import EngineConfig, ModelConfig
 from mixserve.edge.cloud import CloudContextManager, CloudService, CloudStats
 from mixserve.edge.codec import Codec
 from mixserve.edge.config import DEFAULT_MAX_FRAME_BYTES, CloudConfig, EdgeConfig
-from mixserve.edge.edge import EdgeResult, EdgeRunner, EdgeStats
+from mixserve.edge.edge import EdgeResult, EdgeRunner, EdgeStats, Stopping
 from mixserve.edge.exit_adapter import ExitAdapter, FitConfig, default_path, fit_exit_adapter
 from mixserve.edge.frames import Frame, FrameKind, decode_frame, model_key, pack_ids, unpack_ids
 from mixserve.edge.link import Link, websocket_connector
+from mixserve.edge.sampling import GREEDY, for_sample
 from mixserve.models.base import as_causal_lm
+from mixserve.sampling_params import SamplingParams
 
 
 def load(model: str, dtype: str = "float32", weight_format: str = "auto", num_threads: int | None = None,
@@ -74,9 +76,17 @@ class EdgeLLM:
         return self.tokenizer.encode(prompt)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 64, ignore_eos: bool = False,
-                 chat: bool = False, on_token: Any = None) -> EdgeOutput:
+                 chat: bool = False, on_token: Any = None, params: SamplingParams | None = None) -> EdgeOutput:
+        """Greedy, or sampled as `params` say (temperature, top-p/k, min-p, penalties, logit bias, seed,
+        min_tokens, stop token ids; stop strings and n > 1 are the server's, see `EdgeEngine`)."""
         ids = self.encode(prompt, chat)
-        result = self.runner.generate(ids, max_tokens, ignore_eos, on_token)
+        sampling, stopping = GREEDY, Stopping(ignore_eos)
+        if params is not None:
+            sampling = for_sample(params, len(ids), params.seed)
+            stopping = Stopping(ignore_eos or params.ignore_eos, params.min_tokens, params.stop_token_ids)
+        result = self.runner.generate(ids, max_tokens, on_token=on_token, sampling=sampling, stopping=stopping,
+                                      on_step=None if params is None or not params.stop_token_ids else
+                                      lambda token, _source, _entry: token in params.stop_token_ids)
         detok = self.tokenizer.detokenizer(ids)  # text as a stream shows it (prompt context, e.g. spaces)
         return EdgeOutput(detok.push_many(result.token_ids) + detok.flush(), result)
 

@@ -27,6 +27,7 @@ def add_parsers(sub: Any) -> None:
                       help="prompt text, or `fit-exit` to fit an exit adapter for --split-layer; "
                            "omit with --serve")
     edge.add_argument("--serve", action="store_true", help="serve the OpenAI API on --host/--port instead")
+    edge.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     edge.add_argument("--host", default="127.0.0.1")
     edge.add_argument("--port", type=int, default=8100)
     edge.add_argument("--cloud", default=None, metavar="URL",
@@ -41,6 +42,12 @@ def add_parsers(sub: Any) -> None:
     edge.add_argument("--max-len", type=int, default=2048, help="most positions of one sequence")
     edge.add_argument("--ignore-eos", action="store_true")
     edge.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    edge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the edge and the cloud "
+                                                                   "draw with the same (seed, position) randomness")
+    edge.add_argument("--top-p", type=float, default=1.0)
+    edge.add_argument("--top-k", type=int, default=None)
+    edge.add_argument("--min-p", type=float, default=0.0)
+    edge.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random one)")
     edge.add_argument("--json", action="store_true", help="print one JSON object (tokens, sources, usage)")
     edge.add_argument("--exit-adapter", default=None, metavar="PATH",
                       help="exit head fitted by `mixserve edge fit-exit` (default: the model's own norm + LM head)")
@@ -98,7 +105,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
         from mixserve.edge.server import build_edge_app
 
         print(f"[mixserve edge] OpenAI API on http://{args.host}:{args.port}/v1 (cloud: {args.cloud})", flush=True)
-        uvicorn.run(build_edge_app(llm, args.model), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(build_edge_app(llm, args.served_model_name or args.model), host=args.host, port=args.port,
+                    log_level="warning")
         return 0
     detok = llm.tokenizer.detokenizer(llm.encode(args.prompt, args.chat))
 
@@ -108,7 +116,11 @@ def cmd_edge(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     start = time.perf_counter()
-    out = llm.generate(args.prompt, args.max_tokens, args.ignore_eos, args.chat, on_token=show)
+    from mixserve.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            seed=args.seed, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    out = llm.generate(args.prompt, args.max_tokens, args.ignore_eos, args.chat, on_token=show, params=params)
     elapsed = time.perf_counter() - start
     llm.close()
     usage = {**out.result.usage, "completion_tokens": len(out.result.token_ids), "seconds": round(elapsed, 4)}

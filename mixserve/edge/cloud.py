@@ -22,9 +22,23 @@ import torch
 
 from mixserve.edge.codec import decode_hidden
 from mixserve.edge.config import CloudConfig
-from mixserve.edge.frames import ErrorCode, Frame, FrameError, FrameKind, decode_frame, pack_ids, pack_reply, unpack_ids
+from mixserve.edge.frames import (
+    ErrorCode,
+    Frame,
+    FrameError,
+    FrameKind,
+    decode_frame,
+    pack_ids,
+    pack_reply,
+    unpack_body,
+    unpack_ids,
+)
+from mixserve.edge.sampling import GREEDY, SplitSampling, TokenPicker
 from mixserve.edge.stage import SequenceStage
 from mixserve.models.base import CausalLM
+
+Answer = tuple[int, float, float, list[tuple[int, float, int]]]
+"""(token, its logprob, the top probability, logprob entries (id, logprob, rank))."""
 
 
 @dataclass
@@ -36,6 +50,9 @@ class _Session:
     last_used: float = 0.0
     last: torch.Tensor | None = None
     """`[1, hidden_size]` output of the cloud's layers at the last computed position."""
+    sampling: SplitSampling = GREEDY
+    ids: list[int] = field(default_factory=list)
+    """Input token ids of the received positions (kept when the sampling's penalties need them)."""
 
     @property
     def num_bytes(self) -> int:
@@ -73,13 +90,14 @@ class CloudContextManager:
         self.sessions: OrderedDict[bytes, _Session] = OrderedDict()
         self.clock = clock
         self.stats = CloudStats()
+        self.picker = TokenPicker()
 
     @property
     def num_bytes(self) -> int:
         return sum(s.num_bytes for s in self.sessions.values())
 
-    def open(self, session: bytes, max_len: int) -> int:
-        """Start `session` (or find it); returns the positions already held."""
+    def open(self, session: bytes, max_len: int, sampling: SplitSampling = GREEDY) -> int:
+        """Start `session` sampled with `sampling` (or find it); returns the positions already held."""
         self._sweep()
         found = self.sessions.get(session)
         if found is not None:
@@ -90,13 +108,17 @@ class CloudContextManager:
                                                     f"{self.config.max_session_len}]")
         stage = SequenceStage(self.model, self.config.split_layer, self.num_layers, max_len, self.dtype)
         self._make_room(stage.kv_bytes)
-        self.sessions[session] = _Session(stage, last_used=self.clock())
+        self.sessions[session] = _Session(stage, last_used=self.clock(), sampling=sampling)
         self.stats.num_sessions_opened += 1
         return 0
 
-    def upload(self, session: bytes, pos: int, hidden: torch.Tensor) -> None:
-        """Hidden states of positions `[pos, pos + n)`; must continue exactly where the session is."""
+    def upload(self, session: bytes, pos: int, hidden: torch.Tensor, ids: list[int] | None = None) -> None:
+        """Hidden states of positions `[pos, pos + n)` (and their input token ids); must continue
+        exactly where the session is."""
         s = self._get(session)
+        if s.sampling.needs_ids and (ids is None or len(ids) != hidden.shape[0]):
+            raise FrameError(ErrorCode.BAD_REQUEST, f"upload of {hidden.shape[0]} positions without their token "
+                                                    f"ids (this session's penalties need them)", s.num_received)
         if pos != s.num_received:
             raise FrameError(ErrorCode.OUT_OF_ORDER, f"upload at position {pos}, expected {s.num_received}",
                              s.num_received)
@@ -106,10 +128,13 @@ class CloudContextManager:
         self._make_room(hidden.nbytes, keep=session)
         s.pending.append(hidden)
         s.num_received += hidden.shape[0]
+        if s.sampling.needs_ids and ids is not None:
+            s.ids += ids
         self.stats.num_uploaded_positions += hidden.shape[0]
 
-    def infer(self, session: bytes, pos: int) -> tuple[int, float, float]:
-        """Greedy token after position `pos` (the last received), its logprob and top probability."""
+    def infer(self, session: bytes, pos: int, suppress: tuple[int, ...] = ()) -> Answer:
+        """The token after position `pos` (the last received), sampled as the session says at
+        position `pos + 1` with `suppress` ids excluded."""
         s = self._get(session)
         if pos != s.num_received - 1:
             raise FrameError(ErrorCode.OUT_OF_ORDER, f"infer at position {pos}, but the session holds "
@@ -120,15 +145,19 @@ class CloudContextManager:
             s.last = hidden[-1:]
         self.stats.num_infers += 1
         assert s.last is not None  # pos >= 0 was received and computed
-        return self._answer(s.last)
+        return self._answer(s.last, s.sampling, s.ids, pos + 1, suppress)
 
     def close(self, session: bytes) -> None:
         self.sessions.pop(session, None)
 
-    def infer_full(self, hidden: torch.Tensor) -> tuple[int, float, float]:
+    def infer_full(self, hidden: torch.Tensor, sampling: SplitSampling = GREEDY, ids: list[int] | None = None,
+                   suppress: tuple[int, ...] = ()) -> Answer:
         """Naive split: run the cloud layers over a whole context from scratch, keep nothing."""
+        if sampling.needs_ids and (ids is None or len(ids) != hidden.shape[0]):
+            raise FrameError(ErrorCode.BAD_REQUEST, "INFER_FULL without the context's token ids (penalties "
+                                                    "need them)")
         stage = SequenceStage(self.model, self.config.split_layer, self.num_layers, hidden.shape[0], self.dtype)
-        return self._answer(self._run(stage, hidden)[-1:])
+        return self._answer(self._run(stage, hidden)[-1:], sampling, ids or [], hidden.shape[0], suppress)
 
     def generate(self, prompt_ids: list[int], max_tokens: int, eos_token_ids: tuple[int, ...]) -> list[int]:
         """Cloud-only baseline: the whole model (split layer 0) decodes greedily on its own."""
@@ -162,10 +191,13 @@ class CloudContextManager:
         self.stats.num_forward_calls += 1
         self.stats.compute_seconds += time.perf_counter() - start
 
-    def _answer(self, last: torch.Tensor) -> tuple[int, float, float]:
-        logprobs = torch.log_softmax(self.model.head(last)[0].float(), dim=-1)
-        top, token = logprobs.max(dim=-1)
-        return int(token), float(top), float(top.exp())
+    def _answer(self, last: torch.Tensor, sampling: SplitSampling, ids: list[int], position: int,
+                suppress: tuple[int, ...]) -> Answer:
+        logits = self.model.head(last)[0].float()
+        token, entry = self.picker.pick(logits, sampling, ids, position, suppress)
+        top = float(torch.softmax(logits, dim=-1).max())
+        entries = [(t, lp.logprob, lp.rank) for t, lp in entry.items()]
+        return token, entry[token].logprob, top, entries
 
     def _get(self, session: bytes) -> _Session:
         self._sweep()
@@ -232,14 +264,21 @@ class CloudService:
     def _dispatch(self, frame: Frame) -> list[bytes]:
         m, key, sid = self.manager, self.model_key, frame.session
         if frame.kind is FrameKind.OPEN:
-            return [Frame(FrameKind.STATE, sid, key, m.open(sid, frame.count)).encode()]
+            block, _, _ = unpack_body(frame)
+            return [Frame(FrameKind.STATE, sid, key, m.open(sid, frame.count, _sampling(block))).encode()]
         if frame.kind is FrameKind.UPLOAD:
-            m.upload(sid, frame.pos, self._hidden(frame))
+            _, ids, rest = unpack_body(frame)
+            m.upload(sid, frame.pos, self._hidden(frame, rest), ids)
             return []
         if frame.kind is FrameKind.INFER:
-            return [Frame(FrameKind.REPLY, sid, key, frame.pos, payload=pack_reply(*m.infer(sid, frame.pos))).encode()]
+            _, suppress, _ = unpack_body(frame)
+            answer = m.infer(sid, frame.pos, tuple(suppress or ()))
+            return [Frame(FrameKind.REPLY, sid, key, frame.pos, payload=pack_reply(*answer)).encode()]
         if frame.kind is FrameKind.INFER_FULL:
-            reply = pack_reply(*m.infer_full(self._hidden(frame)))
+            block, ids, rest = unpack_body(frame)
+            sampling = _sampling(block)
+            excluded = tuple(int(t) for t in json.loads(block).get("suppress", ())) if block else ()
+            reply = pack_reply(*m.infer_full(self._hidden(frame, rest), sampling, ids, excluded))
             return [Frame(FrameKind.REPLY, sid, key, frame.count - 1, payload=reply).encode()]
         if frame.kind is FrameKind.GENERATE:
             ids = m.generate(unpack_ids(frame.payload), frame.count, self.eos_token_ids)
@@ -251,10 +290,20 @@ class CloudService:
             return []
         raise FrameError(ErrorCode.BAD_REQUEST, f"the cloud does not accept {frame.kind.name} frames")
 
-    def _hidden(self, frame: Frame) -> torch.Tensor:
+    def _hidden(self, frame: Frame, payload: bytes) -> torch.Tensor:
         if frame.count < 1:
             raise FrameError(ErrorCode.BAD_FRAME, f"{frame.kind.name} frame with {frame.count} positions")
         try:
-            return decode_hidden(frame.payload, frame.codec, frame.count, self.hidden_size)
+            return decode_hidden(payload, frame.codec, frame.count, self.hidden_size)
         except ValueError as e:
             raise FrameError(ErrorCode.BAD_FRAME, str(e)) from None
+
+
+def _sampling(block: bytes | None) -> SplitSampling:
+    """The sampling block of a frame (none: greedy); a bad one is refused naming what is wrong."""
+    if block is None:
+        return GREEDY
+    try:
+        return SplitSampling.from_json(block)
+    except ValueError as e:
+        raise FrameError(ErrorCode.BAD_REQUEST, f"bad sampling block: {e}") from None

@@ -48,15 +48,24 @@ class ServeOptions:
     log_level: str = "info"
     limits: RequestLimits = field(default_factory=RequestLimits)
     """Body size, JSON depth, string length and connection timeouts (see `RequestLimits`)."""
+    cloud_split_layer: int | None = None
+    """Also serve edge sessions of a split model (layers [K, L)) on ws://HOST:PORT/v1/edge/ws (see
+    `mixserve.edge.cloud_route`); None: no cloud routes."""
 
 
-def load_into(state: ServerState, config: EngineConfig, cache_dir: str | Path | None) -> None:
-    """Build the engine for `config` and publish it on `state` (run in a background thread)."""
+def load_into(state: ServerState, config: EngineConfig, cache_dir: str | Path | None,
+              cloud_split_layer: int | None = None) -> None:
+    """Build the engine for `config` (and the edge cloud service over the same weights when
+    `cloud_split_layer` is set) and publish it on `state` (run in a background thread)."""
     from mixserve.builder import load_model, wire_engine  # torch: only in the loader thread
 
     try:
         loaded = load_model(config, cache_dir=cache_dir)
         built = wire_engine(loaded, config)
+        if cloud_split_layer is not None:
+            from mixserve.edge.cloud_route import build_cloud_service
+
+            state.cloud = build_cloud_service(loaded, cloud_split_layer)
     except Exception as exc:  # noqa: BLE001 - reported by /health and every route
         log.error("model load failed: %s", exc)
         state.load_error = f"{type(exc).__name__}: {exc}"
@@ -82,7 +91,8 @@ def make_app(config: EngineConfig, options: ServeOptions) -> tuple[FastAPI, Serv
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(target=load_into, args=(state, config, options.cache_dir),
+        loader = threading.Thread(target=load_into, args=(state, config, options.cache_dir,
+                                                          options.cloud_split_layer),
                                   name="mixserve-load", daemon=True)
         loader.start()
         try:
@@ -91,7 +101,12 @@ def make_app(config: EngineConfig, options: ServeOptions) -> tuple[FastAPI, Serv
             if state.engine is not None:
                 state.engine.shutdown()
 
-    return build_app(state, lifespan=lifespan), state
+    app = build_app(state, lifespan=lifespan)
+    if options.cloud_split_layer is not None:
+        from mixserve.edge.cloud_route import install_cloud_route
+
+        install_cloud_route(app, state)
+    return app, state
 
 
 def serve(config: EngineConfig, options: ServeOptions) -> int:

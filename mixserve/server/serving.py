@@ -49,6 +49,11 @@ class ServerState:
     state); None: this state serves its one model."""
     render_metrics: Callable[[], bytes] | None = None
     """Multi-model servers: renders /metrics for every model and the pool."""
+    cloud: Any = None
+    """`mixserve serve --cloud-split-layer K`: the `mixserve.edge` CloudService behind /v1/edge/ws."""
+    usage_extra: Callable[[list[str]], dict[str, Any]] | None = None
+    """Extra usage fields of a response from its engine request ids (the split edge: where tokens were
+    decided, link bytes); None: none."""
 
     def ready(self) -> AsyncEngine:
         if self.load_error is not None:
@@ -158,8 +163,9 @@ class Run:
     def usage(self, drop_generated: bool = False) -> Usage:
         """Prompt tokens count once per prompt, however many samples fork from it."""
         generated = 0 if drop_generated else sum(len(c.token_ids) for c in self.choices.values())
+        extra = self.state.usage_extra(self.ids) if self.state.usage_extra is not None else {}
         return Usage(prompt_tokens=sum(len(p.token_ids) for p in self.prompts), completion_tokens=generated,
-                     cached_tokens=sum(self.cached.values()))
+                     cached_tokens=sum(self.cached.values()), extra=extra)
 
     def failed(self) -> str | None:
         """The error message when every choice failed (the request itself is bad or the engine broke)."""
