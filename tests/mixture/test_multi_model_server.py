@@ -129,8 +129,13 @@ def test_mixture_model_recruits_aggregates_and_batches(pool_server: Server) -> N
         assert r.status_code == 200, r.text
         return r.json()
 
-    with ThreadPoolExecutor(2) as ex:  # concurrent questions run as one batch, grouped by model
-        first, second = ex.map(ask, ["What is 2 + 3?", "What is 4 + 4?"])
+    # Concurrent questions run as one batch, grouped by model. The batch window is 50 ms: on a loaded
+    # machine the second request can reach the server after it closed, so try a few pairs.
+    for _ in range(4):
+        with ThreadPoolExecutor(2) as ex:
+            first, second = ex.map(ask, ["What is 2 + 3?", "What is 4 + 4?"])
+        if first["usage"]["mixture"]["batch_questions"] == 2:
+            break
     for out in (first, second):
         mix = out["usage"]["mixture"]
         assert out["model"] == "mixture/tiny" and len(mix["recruited"]) == 3 == len(mix["answers"])
