@@ -138,7 +138,8 @@ async def stream_collect(url: str, prompt: str, max_tokens: int, marks: list[flo
     return text
 
 
-async def interrupt(url: str, num_streams: int, max_tokens: int, action: str) -> dict[str, Any]:
+async def interrupt(url: str, num_streams: int, max_tokens: int, action: str, kv: str | None = None,
+                    after: int = 8) -> dict[str, Any]:
     """Greedy streams, run once undisturbed (the reference, same concurrency) and once with `action`
     (kill or migrate) hitting them after a few chunks. Tokens lost = max_tokens - completion tokens received."""
     async with httpx.AsyncClient(timeout=600) as client:
@@ -147,7 +148,7 @@ async def interrupt(url: str, num_streams: int, max_tokens: int, action: str) ->
         usage: list[int] = []
         tasks = [asyncio.ensure_future(stream_collect(url, PROMPTS[i], max_tokens, marks[i], usage))
                  for i in range(num_streams)]
-        while min(len(m) for m in marks) < 8:
+        while min(len(m) for m in marks) < after:
             await asyncio.sleep(0.01)
         hit_at = time.perf_counter()
         if action == "kill":
@@ -157,14 +158,17 @@ async def interrupt(url: str, num_streams: int, max_tokens: int, action: str) ->
             os.kill(next(r["pid"] for r in replicas if r["id"] == victim), signal.SIGKILL)
         else:
             for flight in (await client.get(url + "/v1/cluster/requests")).json()["requests"]:
-                await client.post(url + "/v1/cluster/migrate", json={"request_id": flight["id"]})
+                body = {"request_id": flight["id"]} if kv is None else {"request_id": flight["id"], "kv": kv}
+                await client.post(url + "/v1/cluster/migrate", json=body)
         gots = await asyncio.gather(*tasks)
         status = (await client.get(url + "/v1/cluster/replicas")).json()
     stalls = [max((b - a for a, b in zip(m, m[1:]) if b > hit_at), default=0.0) for m in marks]
     return {"streams": num_streams, "identical_to_undisturbed": sum(w == g for w, g in zip(wants, gots)),
             "tokens_lost": num_streams * max_tokens - sum(usage), "max_client_stall_s": max(stalls),
             "resume_pause_s": status["failover_pauses_s" if action == "kill" else "migration_pauses_s"],
-            "failovers": status["failovers"], "migrations": status["migrations"]}
+            "failovers": status["failovers"], "migrations": status["migrations"],
+            "migrated_kv_tokens": status.get("migrated_kv_tokens"),
+            "recomputed_tokens": status.get("recomputed_tokens")}
 
 
 def main() -> int:
@@ -175,7 +179,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--parts", default="throughput,routing", help="comma list: throughput (+failover and "
-                    "migration), routing")
+                    "migration), routing, kv (migration pause with KV blocks vs recompute, 2 replicas)")
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--users", type=int, default=24)
     ap.add_argument("--turns", type=int, default=2)
@@ -207,6 +211,8 @@ def main() -> int:
         finally:
             server.stop()
         print(name, out["throughput"][name], flush=True)
+    if "kv" in parts:
+        out["kv_migration"] = migration_kv(args.model, logs)
     for routing in ("prefix", "round_robin") if "routing" in parts else ():
         server = Running(args.model, ["--ray", "--replicas", "2", "--routing", routing], logs / f"{routing}.log")
         try:
@@ -221,6 +227,22 @@ def main() -> int:
     (RESULTS / name).write_text(json.dumps(out, indent=2))
     report(out, RESULTS / name.replace(".json", ".png"))
     return 0
+
+
+def migration_kv(model: str, logs: Path) -> dict[str, Any]:
+    """2 replicas; greedy streams of 384 tokens migrated after 256 chunks, alternately with KV blocks and
+    recomputing; counters are cumulative (read the differences)."""
+    server = Running(model, ["--ray", "--replicas", "2"], logs / "kv.log")
+    out: dict[str, Any] = {}
+    try:
+        asyncio.run(run_load(server.url, "m", 1, 2, 8))  # warm-up
+        for kv in ("blocks", "recompute", "blocks", "recompute"):
+            wait_for_replicas(server.url, 2)
+            out.setdefault(kv, []).append(asyncio.run(interrupt(server.url, 2, 384, "migrate", kv=kv, after=256)))
+            print(kv, out[kv][-1], flush=True)
+    finally:
+        server.stop()
+    return out
 
 
 def wait_for_replicas(url: str, n: int, timeout_s: float = 300) -> None:

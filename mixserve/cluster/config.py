@@ -8,6 +8,7 @@ from typing import Literal
 from mixserve.config import ConfigError
 
 RoutingName = Literal["prefix", "load", "round_robin"]
+MigrationKV = Literal["blocks", "recompute"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class ClusterConfig:
     """...and also more than this many times as many (SGLang's cache_aware rule)."""
     session_header: str = "x-session-id"
     """HTTP header naming a session: its requests go to the replica that served it before (if not overloaded)."""
+    migration_kv: MigrationKV = "blocks"
+    """How live migration and drain move a running request's KV: blocks (the source exports its full KV blocks
+    through Ray's object store, the target imports them into its prefix cache and recomputes only the last
+    partial block) or recompute (the target recomputes all of it in one prefill). A request may choose per
+    call (`POST /v1/cluster/migrate` field `kv`); failover always recomputes."""
     replace_dead: bool = True
     """Start a new replica for each one that dies."""
     stats_interval_s: float = 0.5
@@ -50,6 +56,7 @@ class ClusterConfig:
         need(self.num_cpus is None or self.num_cpus >= self.threads_per_replica, "num_cpus",
              "must be at least threads_per_replica")
         need(self.routing in ("prefix", "load", "round_robin"), "routing", "must be prefix, load or round_robin")
+        need(self.migration_kv in ("blocks", "recompute"), "migration_kv", "must be blocks or recompute")
         need(self.balance_abs_threshold >= 0, "balance_abs_threshold", "must be >= 0")
         need(self.balance_rel_threshold >= 1.0, "balance_rel_threshold", "must be >= 1")
         need(self.stats_interval_s > 0, "stats_interval_s", "must be > 0")

@@ -43,8 +43,12 @@ class ReplicaFailed(Exception):
 class ClusterEngine:
     """Engine-like front of a `ReplicaPool` (see the module doc)."""
 
-    def __init__(self, pool: ReplicaPool, router: Router, wait_for_replica_s: float = 600.0) -> None:
+    def __init__(self, pool: ReplicaPool, router: Router, wait_for_replica_s: float = 600.0,
+                 kv_migration: str = "blocks") -> None:
+        _check_kv(kv_migration)
         self.pool = pool
+        self.kv_migration = kv_migration
+        """Default of `migrate` and `drain`: blocks (KV moves) or recompute (see `ClusterConfig.migration_kv`)."""
         self.router = router
         self.wait_for_replica_s = wait_for_replica_s
         self.flights: dict[str, Flight] = {}
@@ -127,10 +131,13 @@ class ClusterEngine:
         self.flights.clear()
 
     # -- migration ------------------------------------------------------------------------------
-    async def migrate(self, request_id: str, target: str | None = None) -> int:
+    async def migrate(self, request_id: str, target: str | None = None, kv: str | None = None) -> int:
         """Move a running request's legs to `target` (or a routed replica): stop streaming from the old
-        replica, abort it there, resume there from the client's tokens (KV recomputed, or found in the
-        target's prefix cache). Returns how many legs moved."""
+        replica, then resume there from the client's tokens. `kv` (default `kv_migration`): blocks, the old
+        replica exports each sample's full KV blocks and stops it in one engine command, the new one imports
+        them into its prefix cache and recomputes only the last partial block; recompute, it recomputes all.
+        Returns how many legs moved."""
+        kv = _check_kv(kv or self.kv_migration)
         flight = self.flights.get(request_id)
         if flight is None:
             raise RequestError(f"request {request_id!r} is not in flight")
@@ -138,14 +145,29 @@ class ClusterEngine:
         for leg in list(flight.legs):
             if leg.replica.replica_id == target:
                 continue
-            await self._stop_leg(flight, leg)
+            await self._stop_leg(flight, leg, abort=kv == "recompute")
             samples = flight.unfinished(leg)
+            exports = self._export(leg, samples) if kv == "blocks" else {}
             if samples:
                 flight.interrupted("migration")
                 self.num_migrations += 1
-                await self._resume(flight, samples, exclude={leg.replica.replica_id}, target=target)
+                await self._resume(flight, samples, exclude={leg.replica.replica_id}, target=target,
+                                   exports=exports)
                 moved += 1
         return moved
+
+    def _export(self, leg: Leg, samples: list[int]) -> dict[int, Any]:
+        """Ask the leg's replica to export the KV of `samples` and stop the leg: client sample -> the
+        ObjectRef of its `KVExport` (or None). The bytes go replica to replica, never through here."""
+        if not samples:
+            leg.replica.actor.abort.remote(leg.remote_id)
+            return {}
+        replica_index = {client: remote for remote, client in leg.index_map.items()}
+        method = leg.replica.actor.export_kv
+        if len(samples) > 1:
+            method = method.options(num_returns=len(samples))
+        refs = method.remote(leg.remote_id, [replica_index[s] for s in samples])
+        return dict(zip(samples, refs if len(samples) > 1 else [refs], strict=True))
 
     async def drain(self, replica_id: str) -> int:
         """Stop routing to a replica, migrate its requests away, then stop it. Returns requests moved."""
@@ -165,7 +187,7 @@ class ClusterEngine:
 
     # -- legs -------------------------------------------------------------------------------------
     async def _start_leg(self, flight: Flight, samples: list[int], first: bool = False,
-                         exclude: set[str] | None = None, target: str | None = None) -> None:
+                         exclude: set[str] | None = None, target: str | None = None, kv: Any = None) -> None:
         """Start `samples` of `flight` on one replica (all samples of a new request, or one resumed)."""
         params, resume = (flight.params, None) if first else flight.resume_args(samples[0])
         tried = set(exclude or ())
@@ -175,7 +197,7 @@ class ClusterEngine:
             target = None
             remote_id = f"{flight.request_id}.{next(self._counter):x}"
             stream = handle.actor.generate.options(num_returns="streaming").remote(
-                remote_id, flight.prompt_token_ids, params, flight.prompt, resume)
+                remote_id, flight.prompt_token_ids, params, flight.prompt, resume, None if kv is None else [kv])
             try:
                 admission: Admission = await (await stream.__anext__())
             except Exception as exc:  # noqa: BLE001 - a dead replica: try another
@@ -246,16 +268,18 @@ class ClusterEngine:
         finally:
             self._forget_leg(flight, leg)
 
-    async def _resume(self, flight: Flight, samples: list[int], exclude: set[str], target: str | None = None
-                      ) -> None:
+    async def _resume(self, flight: Flight, samples: list[int], exclude: set[str], target: str | None = None,
+                      exports: dict[int, Any] | None = None) -> None:
         for sample in samples:
             try:
-                await self._start_leg(flight, [sample], exclude=exclude, target=target)
+                await self._start_leg(flight, [sample], exclude=exclude, target=target,
+                                      kv=(exports or {}).get(sample))
             except Exception as exc:  # noqa: BLE001 - no replica could take it: the sample fails
                 self._put(flight, flight.end([sample], FinishReason.ERROR, f"resume failed: {exc}"))
 
-    async def _stop_leg(self, flight: Flight, leg: Leg) -> None:
-        """Stop streaming a leg (migration): nothing it sends from now on reaches the client."""
+    async def _stop_leg(self, flight: Flight, leg: Leg, abort: bool = True) -> None:
+        """Stop streaming a leg (migration): nothing it sends from now on reaches the client. `abort`: also
+        abort it on its replica (else the caller does, with `_export`)."""
         if leg.task is not None:
             leg.task.cancel()
             try:
@@ -263,7 +287,8 @@ class ClusterEngine:
             except asyncio.CancelledError:
                 pass
         self._forget_leg(flight, leg)
-        leg.replica.actor.abort.remote(leg.remote_id)
+        if abort:
+            leg.replica.actor.abort.remote(leg.remote_id)
 
     def _forget_leg(self, flight: Flight, leg: Leg) -> None:
         if leg in flight.legs:
@@ -278,6 +303,12 @@ class ClusterEngine:
     def _put(self, flight: Flight, delta: RequestOutput | None) -> None:
         if delta is not None:
             flight.queue.put_nowait(delta)
+
+
+def _check_kv(kv: str) -> str:
+    if kv not in ("blocks", "recompute"):
+        raise RequestError(f"invalid kv {kv!r}: must be blocks or recompute")
+    return kv
 
 
 __all__ = ["SESSION", "ClusterEngine", "QueueFullError", "RequestError", "ResumePoint"]

@@ -85,7 +85,7 @@ async def start_cluster(state: ServerState, config: EngineConfig, cluster: Clust
                                                                                cache_dir=cache_dir)))
     router = Router(cluster, config.cache.block_size)
     pool = ReplicaPool(cluster, config, cache_dir, on_gone=lambda rid: router.forget(rid))
-    engine = ClusterEngine(pool, router)
+    engine = ClusterEngine(pool, router, kv_migration=cluster.migration_kv)
     await pool.start()
     info = next(h.info for h in pool.replicas.values() if h.info is not None)
     state.tokenizer = checkpoint.tokenizer
@@ -158,7 +158,9 @@ def add_cluster_routes(app: FastAPI, holder: dict[str, Any]) -> None:
                 "stats": h.stats} for h in sorted(e.pool.replicas.values(), key=lambda h: h.replica_id)],
                 "failovers": e.num_failovers, "migrations": e.num_migrations, "deaths": e.pool.num_deaths,
                 "strategy_reruns": e.num_strategy_reruns,
-                "failover_pauses_s": e.failover_pauses_s, "migration_pauses_s": e.migration_pauses_s}
+                "failover_pauses_s": e.failover_pauses_s, "migration_pauses_s": e.migration_pauses_s,
+                "kv_migration": e.kv_migration, "migrated_kv_tokens": e.stats.get("migrated_kv_tokens", 0.0),
+                "recomputed_tokens": e.stats.get("recomputed_tokens", 0.0)}
         return await guarded(run)
 
     @app.post("/v1/cluster/replicas")
@@ -192,7 +194,10 @@ def add_cluster_routes(app: FastAPI, holder: dict[str, Any]) -> None:
             if not isinstance(rid, str):
                 raise ApiError(400, "missing required field request_id", param="request_id")
             target = body.get("replica")
-            return {"request_id": rid, "moved": await engine().migrate(rid, target)}
+            kv = body.get("kv")
+            if kv is not None and kv not in ("blocks", "recompute"):
+                raise ApiError(400, f"invalid kv {kv!r}: must be blocks or recompute", param="kv")
+            return {"request_id": rid, "moved": await engine().migrate(rid, target, kv=kv)}
         return await guarded(run)
 
 

@@ -24,7 +24,11 @@ _COUNTERS = {"prompt_tokens": ("prompt_tokens", "Prompt tokens admitted."),
              "generation_tokens": ("generation_tokens", "Tokens generated."),
              "prefix_cache_queries": ("prefix_cache_queries", "Prompt blocks looked up in the prefix cache."),
              "prefix_cache_hits": ("prefix_cache_hits", "Prompt blocks found in the prefix cache."),
-             "num_preemptions": ("num_preemptions", "Requests preempted for lack of KV blocks.")}
+             "num_preemptions": ("num_preemptions", "Requests preempted for lack of KV blocks."),
+             "migrated_kv_tokens": ("migrated_kv_tokens", "Tokens whose KV blocks a replica imported from another "
+                                    "(live migration, drain)."),
+             "recomputed_tokens": ("recomputed_tokens", "Tokens a resumed request already had that a replica "
+                                   "computed again (failover, migration without KV blocks, the partial block).")}
 
 
 class ClusterCollector(Collector):

@@ -10,6 +10,7 @@ engine step at most, not per token). A consumer that stops early aborts the requ
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -22,6 +23,8 @@ from mixserve.engine.async_engine import AsyncEngine, EngineDeadError
 from mixserve.engine.engine import QueueFullError, RequestError, ResumePoint
 from mixserve.outputs import RequestOutput
 from mixserve.sampling_params import SamplingParams
+
+log = logging.getLogger("mixserve.cluster")
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,47 @@ class EngineReplica:
             raise EngineDeadError(self.engine.error or "the engine is not running")
         return dict(self.engine.stats)
 
+    async def export_kv(self, request_id: str, samples: list[int]) -> Any:
+        """Export the full KV blocks of `samples` (replica sample indexes) of a running request and abort it,
+        in one engine command (nothing is generated in between): a `KVExport` or None per sample (one
+        Ray return each: call with `num_returns=len(samples)`); never raises."""
+        def run(engine: Any) -> list[Any]:
+            exports = []
+            for sample in samples:
+                try:
+                    exports.append(engine.export_kv(request_id, sample))
+                except Exception as exc:  # noqa: BLE001 - not live any more: the target recomputes
+                    log.info("no KV export of %s sample %d: %s", request_id, sample, exc)
+                    exports.append(None)
+            self.engine.dispatcher.abort(request_id)
+            return exports
+
+        try:
+            exports = await asyncio.wrap_future(self.engine.call(run))
+        except Exception as exc:  # noqa: BLE001 - a dead engine: nothing to move
+            log.warning("KV export of %s failed: %s", request_id, exc)
+            self.engine.abort(request_id)
+            exports = [None] * len(samples)
+        return exports[0] if len(samples) == 1 else exports
+
+    async def _import_kv(self, kv: list[Any]) -> int:
+        """Fetch a `KVExport` (an ObjectRef from another replica's `export_kv`) and import it; 0 if none."""
+        try:
+            export = await kv[0]
+            if export is None:
+                return 0
+            return int(await asyncio.wrap_future(self.engine.call(lambda engine: engine.import_kv(export))))
+        except Exception as exc:  # noqa: BLE001 - the source died or the import failed: recompute
+            log.warning("KV import failed, the resume recomputes: %s", exc)
+            return 0
+
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, resume: ResumePoint | None = None
+                       prompt: str | None = None, resume: ResumePoint | None = None, kv: list[Any] | None = None
                        ) -> AsyncIterator[Admission | list[RequestOutput]]:
+        """`kv`: `[ObjectRef of a KVExport]` of a migrated sample, imported before it is admitted (a list, so
+        that Ray hands the reference over and this replica fetches it from the source's object store)."""
+        if kv and resume is not None:
+            await self._import_kv(kv)
         try:
             queue = await self.engine.add(request_id, prompt_token_ids, params, prompt, resume=resume)
         except (RequestError, QueueFullError, EngineDeadError) as exc:

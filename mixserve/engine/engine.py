@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mixserve.config import EngineConfig
+from mixserve.engine.kv_transfer import KVExport, export_kv, import_kv
 from mixserve.engine.output import GroupState, Stop
 from mixserve.engine.request import Request, RequestStatus
 from mixserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -98,7 +99,13 @@ class Engine:
         self.paused: dict[str, dict[int, Request]] = {}
         """Paused samples: request id -> sample index -> request (holding its KV blocks)."""
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "cached_prompt_tokens": 0,
-                         "steps": 0, "errors": 0}
+                         "steps": 0, "errors": 0, "computed_tokens": 0, "recomputed_tokens": 0,
+                         "migrated_kv_tokens": 0, "kv_imports_refused": 0}
+        """computed_tokens: every token the runner computed; recomputed_tokens: those of them that a resumed
+        request (`ResumePoint`) already had (its prompt and resumed outputs, minus prefix-cache hits);
+        migrated_kv_tokens: tokens whose KV came in by `import_kv`."""
+        self._resumed: dict[str, int] = {}
+        """Resumed request id -> its known tokens (prompt + resumed outputs), until they are computed."""
 
     # -- admission -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
@@ -123,6 +130,7 @@ class Engine:
         group.add_sample(request)
         if resume is not None:
             group.restore(0, outputs, resume.num_text_sent)
+            self._resumed[request.request_id] = len(ids) + len(outputs)
         self._track(request)
         self.scheduler.add(request)
         if request.fork_at == 0:
@@ -220,6 +228,7 @@ class Engine:
                 continue
             group.on_computed(seq.start_pos, seq.num_tokens, request.num_prompt_tokens)
             rid = request.request_id
+            self._count_computed(rid, seq.start_pos, seq.num_tokens)
             if rid in result.errors:
                 self.counters["errors"] += 1
                 self._stop(request, group.fail(request, result.errors[rid]))
@@ -239,6 +248,14 @@ class Engine:
                     self._finish(request)
                 changed[group.request_id] = None
         return changed
+
+    def _count_computed(self, request_id: str, start: int, num_tokens: int) -> None:
+        self.counters["computed_tokens"] += num_tokens
+        known = self._resumed.get(request_id)
+        if known is not None:
+            self.counters["recomputed_tokens"] += max(0, min(start + num_tokens, known) - start)
+            if start + num_tokens >= known:
+                del self._resumed[request_id]
 
     def _stop(self, request: Request, stop: Stop | None) -> None:
         if stop is not None:
@@ -266,6 +283,7 @@ class Engine:
                 group.end(request, FinishReason.ERROR)
         self.scheduler.finish(request)
         self.requests.pop(request.request_id, None)
+        self._resumed.pop(request.request_id, None)
 
     def _collect(self, changed: dict[str, None]) -> list[RequestOutput]:
         outputs = []
@@ -326,6 +344,7 @@ class Engine:
         self.scheduler.pause(request)
         self.paused.setdefault(request.group_id, {})[request.sample_index] = request
         self.requests.pop(request.request_id, None)
+        self._resumed.pop(request.request_id, None)
 
     def release_request(self, request_id: str, sample_index: int | None = None) -> int:
         """Free paused samples of `request_id` (all, or one); returns how many were released."""
@@ -346,6 +365,15 @@ class Engine:
     @property
     def num_paused(self) -> int:
         return sum(len(s) for s in self.paused.values())
+
+    # -- KV migration (`kv_transfer`) ---------------------------------------------------------
+    def export_kv(self, request_id: str, sample_index: int = 0) -> KVExport | None:
+        """The full computed KV blocks of a live sample, as plain data (see `kv_transfer.export_kv`)."""
+        return export_kv(self, request_id, sample_index)
+
+    def import_kv(self, export: KVExport) -> int:
+        """Cache another engine's exported blocks here; returns tokens imported (0: refused, logged)."""
+        return import_kv(self, export)
 
     # -- cancellation ---------------------------------------------------------------------------
     def abort_request(self, request_id: str) -> RequestOutput | None:

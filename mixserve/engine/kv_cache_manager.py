@@ -8,6 +8,7 @@ prefix hit or a fork) is never written: writing into a shared partial block firs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mixserve.engine.block_pool import BlockPool
@@ -136,6 +137,42 @@ class KVCacheManager:
                                                                     (i + 1) * self.block_size]))
             out.append(previous)
         return out
+
+    def import_prefix(self, token_ids: list[int], write: Callable[[list[int], list[int]], None]) -> int:
+        """Cache the KV of the full blocks of `token_ids` that this cache lacks (KV migration): allocate a
+        free block for each missing block index, `write(block_ids, indexes)` fills them, then they are
+        hashed and freed as evictable prefix-cache entries (first block freed last, so evicted last).
+        Returns the tokens covered; raises RuntimeError when there are not enough free blocks (nothing done)."""
+        bs = self.block_size
+        entries: list[tuple[int, tuple[int, ...]]] = []
+        previous: int | None = None
+        for i in range(len(token_ids) // bs):
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            previous = chain_hash(previous, tokens)
+            entries.append((previous, tokens))
+        held = [self.pool.hash_to_block.get(h) for h, _ in entries]
+        hits = [b for (h, t), b in zip(entries, held) if b is not None and self.pool.block_tokens[b] == t]
+        missing = [i for i, ((_, t), b) in enumerate(zip(entries, held))
+                   if b is None or self.pool.block_tokens[b] != t]
+        if not missing:
+            return len(entries) * bs
+        self.pool.touch(hits)  # pinned, so that allocating the missing blocks cannot evict them
+        if not self.pool.can_allocate(len(missing)):
+            self.pool.free_blocks(hits)
+            raise RuntimeError(f"needs {len(missing)} free KV blocks, {self.pool.num_free_blocks} are free")
+        fresh = self.pool.allocate(len(missing))
+        try:
+            write(fresh, missing)
+        except BaseException:
+            self.pool.free_blocks(fresh + hits)
+            raise
+        ids: list[int | None] = [b if b is not None and self.pool.block_tokens[b] == t else None
+                                 for (_, t), b in zip(entries, held)]
+        for i, block_id in zip(missing, fresh):
+            ids[i] = block_id
+            self.pool.cache(block_id, *entries[i])
+        self.pool.free_blocks([b for b in reversed(ids) if b is not None])
+        return len(entries) * bs
 
     # -- sharing and release -------------------------------------------------------------------
     def fork(self, parent: Request, child: Request) -> None:

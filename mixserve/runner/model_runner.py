@@ -109,6 +109,38 @@ class TorchModelRunner:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
+    # -- KV migration (`engine.kv_transfer.KVBlockIO`) ---------------------------------------------
+    def read_blocks(self, block_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, copies of K and V of `block_ids`: `[len(block_ids), block_size, heads, head_size]`."""
+        index = torch.tensor(block_ids, dtype=torch.long)
+        return [(k.view(-1, self.block_size, *k.shape[1:])[index].clone(),
+                 v.view(-1, self.block_size, *v.shape[1:])[index].clone()) for k, v in self.kv_caches]
+
+    def write_blocks(self, block_ids: list[int], blocks: list[tuple[torch.Tensor, torch.Tensor]],
+                     rows: list[int]) -> None:
+        """Write rows `rows` of a `read_blocks` payload into `block_ids`; ValueError (nothing written) when
+        it does not match this cache: layer count, block size, heads, head size or dtype."""
+        if not isinstance(blocks, list | tuple) or len(blocks) != len(self.kv_caches):
+            count = len(blocks) if isinstance(blocks, list | tuple) else type(blocks).__name__
+            raise ValueError(f"blocks: {count} layers, this runner has {len(self.kv_caches)}")
+        if len(rows) != len(block_ids):
+            raise ValueError(f"rows: {len(rows)} rows for {len(block_ids)} block ids")
+        for layer, (pair, cache) in enumerate(zip(blocks, self.kv_caches)):
+            for name, got, have in zip("KV", pair, cache, strict=True):
+                want = (self.block_size, *have.shape[1:])
+                if not isinstance(got, torch.Tensor) or tuple(got.shape[1:]) != want or got.dtype != have.dtype:
+                    shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                    dtype = got.dtype if isinstance(got, torch.Tensor) else None
+                    raise ValueError(f"blocks[{layer}].{name}: shape {shape} {dtype}, this cache needs "
+                                     f"[n, {', '.join(map(str, want))}] {have.dtype}")
+                if rows and max(rows) >= got.shape[0]:
+                    raise ValueError(f"rows: row {max(rows)} of a payload of {got.shape[0]} blocks")
+        index, src = torch.tensor(block_ids, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
+        with torch.inference_mode():
+            for (k_in, v_in), (k, v) in zip(blocks, self.kv_caches):
+                k.view(-1, self.block_size, *k.shape[1:])[index] = k_in[src]
+                v.view(-1, self.block_size, *v.shape[1:])[index] = v_in[src]
+
     def _prepare(self, seqs: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids: list[int] = []
         pos: list[int] = []

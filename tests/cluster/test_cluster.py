@@ -150,9 +150,9 @@ def test_bad_strategy_gives_the_same_400(ingress: Server, single: Server) -> Non
         assert got.json() == want.json()
 
 
-def _stream_and_act(ingress: Server, single: Server, act: Any, prompt: str) -> None:
+def _stream_and_act(ingress: Server, single: Server, act: Any, prompt: str, seed: int = 3) -> None:
     """Stream a long seeded request, call `act(request)` after its first chunks, check it is unchanged."""
-    kw = {"temperature": 1.0, "seed": 3, "max_tokens": 480, "extra_body": {"ignore_eos": True}}
+    kw = {"temperature": 1.0, "seed": seed, "max_tokens": 480, "extra_body": {"ignore_eos": True}}
     want = complete(single, prompt, **kw)
     stream = client(ingress).completions.create(model="tiny", prompt=prompt, stream=True, **kw)
     it = iter(stream)
@@ -163,42 +163,103 @@ def _stream_and_act(ingress: Server, single: Server, act: Any, prompt: str) -> N
     assert stream_text(head) + stream_text(it) == want
 
 
-def _until_it_lands(ingress: Server, single: Server, act: Any, landed: Any) -> None:
+def _until_it_lands(ingress: Server, single: Server, act: Any, landed: Any, seed: int = 3) -> None:
     """The tiny model can finish a request on its replica before `act` reaches it (a loaded machine delays
     the client, not the replica): then the act had nothing to move and the stream was trivially whole.
     Try other prompts until the act met a running request; every try checks the stream."""
     for prompt in PROMPTS:
-        _stream_and_act(ingress, single, act, prompt)
+        _stream_and_act(ingress, single, act, prompt, seed)
         if landed():
             return
         assert wait_for(lambda: len(live(ingress)) == 2), ingress.get("/v1/cluster/replicas")
     pytest.fail(f"the act never met a running request in {len(PROMPTS)} tries")
 
 
+BLOCK = 4  # the test servers' --block-size
+
+
+def kv_counts(ingress: Server) -> dict[str, tuple[float, float]]:
+    """Replica -> (migrated_kv_tokens, recomputed_tokens), as its last stats poll reported them."""
+    return {r["id"]: (r["stats"].get("migrated_kv_tokens", 0.0), r["stats"].get("recomputed_tokens", 0.0))
+            for r in ingress.get("/v1/cluster/replicas")["replicas"]}
+
+
+class KVMoves:
+    """What the replicas (still there) counted since `mark()`: KV tokens imported, tokens recomputed."""
+
+    def __init__(self, ingress: Server) -> None:
+        self.ingress = ingress
+        self.before: dict[str, tuple[float, float]] = {}
+
+    def mark(self) -> None:
+        self.before = kv_counts(self.ingress)
+
+    def delta(self) -> tuple[float, float]:
+        now = kv_counts(self.ingress)
+        zero = (0.0, 0.0)
+        return (sum(v[0] - self.before.get(k, zero)[0] for k, v in now.items()),
+                sum(v[1] - self.before.get(k, zero)[1] for k, v in now.items()))
+
+    def resumed(self) -> bool:
+        """A resume was counted (stats are polled: wait for it)."""
+        return wait_for(lambda: self.delta()[1] > 0, timeout_s=30)
+
+
 def test_live_migration_keeps_the_stream(ingress: Server, single: Server) -> None:
+    """KV blocks move (the default): the target recomputes only the last partial block."""
     moves: list[Any] = []
+    kv = KVMoves(ingress)
     before = ingress.get("/v1/cluster/replicas")["migrations"]
 
     def migrate(flight: dict[str, Any]) -> None:
+        kv.mark()
         moves.append(ingress.post("/v1/cluster/migrate", {"request_id": flight["id"]}))
 
-    _until_it_lands(ingress, single, migrate, lambda: moves[-1]["moved"] == 1)
-    assert ingress.get("/v1/cluster/replicas")["migrations"] > before
+    # moved, and not just as the old replica finished (then nothing is left to export: it recomputes)
+    _until_it_lands(ingress, single, migrate, lambda: moves[-1]["moved"] == 1 and kv.resumed() and kv.delta()[0] > 0)
+    migrated, recomputed = kv.delta()
+    assert migrated >= BLOCK and 1 <= recomputed <= BLOCK, (migrated, recomputed)
+    status = ingress.get("/v1/cluster/replicas")
+    assert status["migrations"] > before and status["kv_migration"] == "blocks"
+    assert status["migrated_kv_tokens"] >= migrated
+    metrics = httpx.get(ingress.url + "/metrics", timeout=30).text
+    assert "mixserve:migrated_kv_tokens_total{" in metrics and "mixserve:recomputed_tokens_total{" in metrics
+
+
+def test_migration_can_recompute(ingress: Server, single: Server) -> None:
+    """`{"kv": "recompute"}`: no KV moves; the target recomputes what the client had (the stream is whole)."""
+    moves: list[Any] = []
+    kv = KVMoves(ingress)
+
+    def migrate(flight: dict[str, Any]) -> None:
+        kv.mark()
+        moves.append(ingress.post("/v1/cluster/migrate", {"request_id": flight["id"], "kv": "recompute"}))
+
+    _until_it_lands(ingress, single, migrate, lambda: moves[-1]["moved"] == 1 and kv.resumed(), seed=4)
+    migrated, recomputed = kv.delta()
+    assert migrated == 0 and recomputed >= 1, (migrated, recomputed)
+    bad = httpx.post(ingress.url + "/v1/cluster/migrate", json={"request_id": "x", "kv": "telepathy"}, timeout=30)
+    assert bad.status_code == 400 and "kv" in bad.text
 
 
 def test_drain_then_add_a_replica(ingress: Server, single: Server) -> None:
     drained: list[Any] = []
+    kv = KVMoves(ingress)
 
     def drain(flight: dict[str, Any]) -> None:
+        kv.mark()
         drained.append(ingress.post(f"/v1/cluster/replicas/{flight['replicas'][0]}/drain"))
 
     def landed() -> bool:
-        if drained[-1]["migrated"] == 1:
+        if drained[-1]["migrated"] == 1 and kv.resumed() and kv.delta()[0] > 0:
             return True
-        ingress.post("/v1/cluster/replicas")  # drained with nothing to move: put a replica back, try again
+        if len(live(ingress)) < 2:
+            ingress.post("/v1/cluster/replicas")  # put a replica back, try again
         return False
 
     _until_it_lands(ingress, single, drain, landed)
+    migrated, recomputed = kv.delta()
+    assert migrated >= BLOCK and 1 <= recomputed <= BLOCK, (migrated, recomputed)
     assert len(live(ingress)) == 1
     added = ingress.post("/v1/cluster/replicas")
     assert added["state"] == "ready", added
