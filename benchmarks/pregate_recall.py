@@ -13,7 +13,11 @@ recording only:
 - `own linear` / `own mlp`: fitted on the moefied model's own routing of the calibration windows
   (`refit_pregate`'s procedure: fit on 4/5 of the windows, per-layer top-m calibrated on the other 1/5);
 - `own linear+prev`: the linear fit on [x0 of this token, x0 of the previous token] (offline only);
-- `lookahead`: layer L's router on layer L-1's input (one layer ahead, not all at once).
+- `lookahead`: layer L's router on layer L-1's input (one layer ahead, not all at once; layer 0 has no
+  prediction and reads on demand);
+- `own d-ahead gate`: layer L predicted from layer max(0, L-d)'s input by a ridge fit on the own routing
+  (d = 1: a learned lookahead, Fate-style; larger d: more layers of compute to hide each read behind;
+  the pre-gate is d = num_layers).
 Per predictor: per-layer recall (share of each token's routed experts in the predicted set) at m = K,
 1.5K, 2K and at the per-layer calibrated m (target --target-recall); experts prefetched per token and
 the bytes that costs (bf16 experts: 3 * hidden * moe_intermediate * 2 bytes), and the cold bytes per
@@ -45,6 +49,7 @@ from mixserve.experts.pregate_fit import (
 )
 
 HERE = Path(__file__).resolve().parent
+PLOTTED = ("dense-fitted (old)", "own linear (new)", "own mlp", "lookahead (next layer)", "own 4-ahead gate")
 
 
 def _prev(rec: RouteRecord) -> torch.Tensor:
@@ -58,9 +63,24 @@ def _prev(rec: RouteRecord) -> torch.Tensor:
 
 
 def _lookahead_scores(rec: RouteRecord) -> torch.Tensor:
-    """[num_layers, num_tokens, num_experts]; layer 0 has no lookahead: uniform scores (recall m/E)."""
+    """[num_layers, num_tokens, num_experts]; layer 0 has no lookahead: NaN (no prediction)."""
     first = next(s for s in rec.lookahead if s is not None)
-    return torch.stack([torch.zeros_like(first) if s is None else s for s in rec.lookahead])
+    return torch.stack([torch.full_like(first, float("nan")) if s is None else s for s in rec.lookahead])
+
+
+def _distance_gate(fit: RouteRecord, e: int, d: int) -> list[torch.Tensor]:
+    """Per layer L, `[num_experts, hidden]` ridge weights from layer max(0, L - d)'s input to L's routing."""
+    return [fit_pregate(fit.inputs[max(0, layer - d)], [ids], e)[0] for layer, ids in enumerate(fit.routes)]
+
+
+def _distance_scores(rec: RouteRecord, weights: list[torch.Tensor], d: int) -> torch.Tensor:
+    return torch.stack([rec.inputs[max(0, layer - d)] @ w.T for layer, w in enumerate(weights)])
+
+
+def _recall(scores: torch.Tensor, routes: list[torch.Tensor], widths: list[int]) -> list[float]:
+    """`token_recall`, NaN for layers without a prediction (NaN scores)."""
+    out = token_recall(torch.nan_to_num(scores, nan=0.0), routes, widths)
+    return [float("nan") if bool(scores[i].isnan().any()) else r for i, r in enumerate(out)]
 
 
 def main() -> int:
@@ -71,6 +91,8 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--mlp-steps", type=int, default=400)
+    ap.add_argument("--distances", type=int, nargs="*", default=[1, 2, 4, 8],
+                    help="d of the d-ahead gates (predict layer L from layer L-d's input)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -85,8 +107,8 @@ def main() -> int:
         return token_windows([tok.encode(t) for t in module_docstrings(mods)], args.window, n)
 
     t0 = time.perf_counter()
-    cal = record_routes(model, windows(CALIBRATION_MODULES, args.calibration_tokens))
-    held = record_routes(model, windows(HELD_OUT_MODULES, args.tokens))
+    cal = record_routes(model, windows(CALIBRATION_MODULES, args.calibration_tokens), keep_inputs=True)
+    held = record_routes(model, windows(HELD_OUT_MODULES, args.tokens), keep_inputs=True)
     print(f"recorded {sum(cal.window_lens)} calibration + {sum(held.window_lens)} held-out tokens "
           f"in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     fit_idx, back_idx = split_windows(len(cal.window_lens), 0.2)
@@ -105,22 +127,28 @@ def main() -> int:
     scorers["own linear+prev"] = (torch.einsum("th,leh->lte", _prev(back), w),
                                   torch.einsum("th,leh->lte", _prev(held), w))
     scorers["lookahead (next layer)"] = (_lookahead_scores(back), _lookahead_scores(held))
+    for d in args.distances:
+        wd = _distance_gate(fit, e, d)
+        scorers[f"own {d}-ahead gate"] = (_distance_scores(back, wd, d), _distance_scores(held, wd, d))
 
     widths = {"K": k, "1.5K": min(e, (3 * k) // 2), "2K": min(e, 2 * k)}
     rows: list[dict[str, Any]] = []
     for name, (s_back, s_held) in scorers.items():
-        calibrated = calibrate_top_m(s_back, back.routes, args.target_recall)
-        per_m = {label: (m, [m] * len(held.routes)) for label, m in widths.items()}
-        per_m["calibrated"] = (sum(calibrated) / len(calibrated), calibrated)
-        for label, (mean_m, ms) in per_m.items():
-            recall = token_recall(s_held, held.routes, ms)
+        predicted = [not bool(s_held[i].isnan().any()) for i in range(len(held.routes))]
+        calibrated = calibrate_top_m(torch.nan_to_num(s_back, nan=0.0), back.routes, args.target_recall)
+        per_m = {label: [m] * len(held.routes) for label, m in widths.items()}
+        per_m["calibrated"] = calibrated
+        for label, ms in per_m.items():
+            ms = [m if p else 0 for m, p in zip(ms, predicted)]  # no prediction: nothing prefetched
+            recall = _recall(s_held, held.routes, [max(1, m) for m in ms])
+            scored = [r for r in recall if r == r]
             fetched = sum(ms) * expert_bytes
-            missed = sum(k * (1 - r) for r in recall) * expert_bytes
-            rows.append({"predictor": name, "m": label, "mean_m": mean_m, "top_m": ms, "recall": recall,
-                         "mean_recall": sum(recall) / len(recall), "min_recall": min(recall),
+            missed = sum(k * (1 - (r if r == r else 0.0)) for r in recall) * expert_bytes
+            rows.append({"predictor": name, "m": label, "mean_m": sum(ms) / sum(predicted), "top_m": ms,
+                         "recall": recall, "mean_recall": sum(scored) / len(scored), "min_recall": min(scored),
                          "prefetch_mb_per_token": fetched / 1e6, "cold_mb_per_token": (fetched + missed) / 1e6})
-    trade = {name: [(m, sum(token_recall(s_held, held.routes, m)) / len(held.routes)) for m in range(k, e + 1)]
-             for name, (_, s_held) in scorers.items()}
+    trade = {name: [(m, float(torch.tensor(_recall(s_held, held.routes, [m] * len(held.routes))).nanmean()))
+                    for m in range(k, e + 1)] for name, (_, s_held) in scorers.items()}
 
     print(f"\nheld-out: {sum(held.window_lens)} tokens ({len(HELD_OUT_MODULES)} stdlib modules' docstrings); "
           f"E={e} K={k}; expert {expert_bytes / 1e6:.3f} MB (bf16); {len(held.routes)} layers")
@@ -145,7 +173,7 @@ def _plot(rows: list[dict[str, Any]], trade: dict[str, list[tuple[int, float]]],
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
     for r in rows:
-        if r["m"] in ("2K", "calibrated") and not r["predictor"].startswith("own linear+prev"):
+        if r["m"] in ("2K", "calibrated") and r["predictor"] in PLOTTED:
             a.plot(r["recall"], marker=".", linestyle="-" if r["m"] == "2K" else "--",
                    label=f"{r['predictor']}, m={r['m'] if r['m'] == '2K' else 'calibrated'} ({r['mean_m']:.1f})")
     a.axhline(0.95, color="grey", linewidth=0.8)

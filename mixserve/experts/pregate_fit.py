@@ -47,6 +47,8 @@ class RouteRecord:
     (None for the first layer)."""
     window_lens: list[int]
     """Tokens per window, in order."""
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    """With `keep_inputs`: per MoE layer, `[num_tokens, hidden_size]` its input (else empty)."""
 
     def select(self, windows: Sequence[int]) -> RouteRecord:
         """The tokens of the given windows only."""
@@ -54,23 +56,27 @@ class RouteRecord:
         idx = torch.cat([torch.arange(starts[w], starts[w] + self.window_lens[w]) for w in windows])
         return RouteRecord(self.x0[idx], [r[idx] for r in self.routes],
                            [None if s is None else s[idx] for s in self.lookahead],
-                           [self.window_lens[w] for w in windows])
+                           [self.window_lens[w] for w in windows], [x[idx] for x in self.inputs])
 
 
-def record_routes(model: nn.Module, windows: Sequence[Sequence[int]]) -> RouteRecord:
-    """Run the MoE `model` over `windows` (fresh sequences) and record its routing (see the docstring)."""
+def record_routes(model: nn.Module, windows: Sequence[Sequence[int]], keep_inputs: bool = False) -> RouteRecord:
+    """Run the MoE `model` over `windows` (fresh sequences) and record its routing (see the docstring);
+    `keep_inputs`: also every layer's input (num_layers x num_tokens x hidden_size floats)."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__}: no MoE layers to record routes from")
     x0s: list[torch.Tensor] = []
     routes: list[list[torch.Tensor]] = [[] for _ in layers]
     ahead: list[list[torch.Tensor]] = [[] for _ in layers]
+    inputs: list[list[torch.Tensor]] = [[] for _ in layers]
 
     def hook(i: int, x: torch.Tensor) -> None:
         x = x.detach().float()
         if i == 0:
             x0s.append(x.clone())
         routes[i].append(layers[i].route(x)[0].clone())
+        if keep_inputs:
+            inputs[i].append(x.clone())
         if i + 1 < len(layers):
             ahead[i + 1].append(layers[i + 1].gate.scores(x).float())
 
@@ -83,7 +89,8 @@ def record_routes(model: nn.Module, windows: Sequence[Sequence[int]]) -> RouteRe
         for handle in handles:
             handle.remove()
     return RouteRecord(torch.cat(x0s), [torch.cat(r) for r in routes],
-                       [None] + [torch.cat(a) for a in ahead[1:]], [len(w) for w in windows])
+                       [None] + [torch.cat(a) for a in ahead[1:]], [len(w) for w in windows],
+                       [torch.cat(x) for x in inputs] if keep_inputs else [])
 
 
 def fit_linear(rec: RouteRecord, num_experts: int, top_m: int | Sequence[int], ridge: float = 1e-2) -> PreGate:

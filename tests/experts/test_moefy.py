@@ -200,6 +200,11 @@ def test_mlp_pregate_round_trips(dense: Path, tmp_path: Path) -> None:
     assert back.kind == "mlp" and back.top_m == [2, 3]
     torch.testing.assert_close(back.scores(rec.x0[:5]), gate.scores(rec.x0[:5]))
     assert [len(v) for v in back.predict_step(rec.x0[:1]).values()] == [2, 3]
+    from mixserve.cli import main
+
+    assert main(["refit-pregate", str(moe), "--kind", "mlp", "--calibration", str(dense.parent / "calib.txt"),
+                 "--calibration-tokens", "256", "--threads", "1"]) == 0
+    assert PreGate.load(moe).kind == "mlp" and len(PreGate.load(moe).top_m) == 2
 
 
 def test_refit_bad_arguments(dense: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
