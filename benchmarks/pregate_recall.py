@@ -1,7 +1,7 @@
 """Pre-gate recall on HELD-OUT real text, per layer, for every predictor, with the bytes each prefetches.
 
     PYTHONPATH=. .venv/bin/python benchmarks/pregate_recall.py --moe /tmp/i16/moefy/e16k4f0.25-coactivation \
-        --threads 1 [--calibration-tokens 4096] [--tokens 4096]
+        --threads 1 [--calibration-tokens 16384] [--tokens 4096]
 
 The MoE model runs over the calibration text (the default `moefy` set: docstrings of
 `CALIBRATION_MODULES`) and over held-out text (docstrings of the disjoint `HELD_OUT_MODULES`); both
@@ -86,7 +86,7 @@ def _recall(scores: torch.Tensor, routes: list[torch.Tensor], widths: list[int])
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moe", required=True, help="moefied folder (its pregate.safetensors: the dense-fitted one)")
-    ap.add_argument("--calibration-tokens", type=int, default=4096)
+    ap.add_argument("--calibration-tokens", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens")
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--target-recall", type=float, default=0.95)

@@ -74,6 +74,9 @@ class MoefyConfig:
     text, `pregate_fit.refit_pregate`) or `dense` (routes computed from the dense model's hidden states)."""
     target_recall: float = 0.95
     """With `pregate_from=moe`: per-layer prefetch width m, the smallest reaching this held-back recall."""
+    pregate_tokens: int = 16384
+    """With `pregate_from=moe`: calibration tokens the written model's routing is recorded on (cheap: only
+    routes and the first layer's input are kept; 4096 gave held-out recall 0.79 at top-2K, 16384 0.87)."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -86,6 +89,8 @@ class MoefyConfig:
             raise ValueError(f"--method={self.method!r}: expected 'coactivation' or 'kmeans'")
         if self.max_calibration_tokens < 2 or self.window < 2:
             raise ValueError("max_calibration_tokens and window must be at least 2")
+        if self.pregate_tokens < 2:
+            raise ValueError(f"--pregate-tokens={self.pregate_tokens} must be at least 2")
         if self.pregate_from not in ("moe", "dense"):
             raise ValueError(f"--pregate-from={self.pregate_from!r}: expected 'moe' or 'dense'")
         if not 0.0 < self.target_recall <= 1.0:
@@ -246,7 +251,7 @@ def moefy(config: MoefyConfig, progress: bool = True, calibrated: Calibrated | N
         _log(progress, "fitting the pre-gate on the written model's own routing")
         refit = refit_pregate(RefitConfig(str(out), target_recall=config.target_recall,
                                           calibration_files=config.calibration_files,
-                                          max_calibration_tokens=config.max_calibration_tokens,
+                                          max_calibration_tokens=config.pregate_tokens,
                                           window=config.window, seed=config.seed))
         report.pregate_recall, report.pregate_recall_2k = refit.recall_top_k, refit.recall_2k
         report.pregate_top_m = refit.top_m

@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "from the dense model's hidden states (dense) (default: %(default)s)")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="per-layer pre-gate width: smallest m reaching this recall (default: %(default)s)")
+    p.add_argument("--pregate-tokens", type=int, default=16384,
+                   help="calibration tokens the pre-gate is fitted on, --pregate-from moe (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_moefy)
@@ -37,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="per-layer width: smallest m reaching this held-back recall (default: %(default)s)")
     r.add_argument("--calibration", nargs="+", default=[], metavar="FILE",
                    help="text files to record routing on (default: the standard-library docstring set)")
-    r.add_argument("--calibration-tokens", type=int, default=4096, help="tokens recorded (default: %(default)s)")
+    r.add_argument("--calibration-tokens", type=int, default=16384, help="tokens recorded (default: %(default)s)")
     r.add_argument("--threads", type=int, default=None, help="torch threads")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=cmd_refit)
@@ -50,7 +52,8 @@ def cmd_moefy(args: argparse.Namespace) -> int:
                          shared_fraction=args.shared_fraction, method=args.method,
                          calibration_files=tuple(args.calibration),
                          max_calibration_tokens=args.calibration_tokens, seed=args.seed, cache_dir=args.cache_dir,
-                         pregate_from=args.pregate_from, target_recall=args.target_recall)
+                         pregate_from=args.pregate_from, target_recall=args.target_recall,
+                         pregate_tokens=args.pregate_tokens)
     report = moefy(config)
     recall = sum(report.router_recall) / len(report.router_recall)
     mass = sum(report.covered_mass) / len(report.covered_mass)
