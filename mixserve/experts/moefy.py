@@ -31,8 +31,7 @@ from safetensors.torch import save_file
 
 from mixserve.experts.moefy_calib import FFNRecord, calibration_text, record_ffn, token_windows
 from mixserve.experts.moefy_split import Method, expert_mass, fit_router, split_neurons, topk_recall
-from mixserve.experts.pregate import PreGate, fit_pregate
-from mixserve.experts.pregate_fit import RefitConfig, refit_pregate
+from mixserve.experts.pregate_fit import RefitConfig, refit_pregate, write_dense_pregate
 from mixserve.hub import resolve_model
 from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
 from mixserve.models.base import build_model
@@ -246,7 +245,8 @@ def moefy(config: MoefyConfig, progress: bool = True, calibrated: Calibrated | N
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     (out / "generation_config.json").write_text(json.dumps(cal.ckpt.generation_config or {}, indent=2))
     _write_tokenizer(cal.ckpt, out)
-    _write_pregate(cal.records[0].x, routes, config, out, report)
+    report.pregate_recall, report.pregate_recall_2k = write_dense_pregate(
+        cal.records[0].x, routes, config.num_experts, config.top_k, out)
     if config.pregate_from == "moe":
         _log(progress, "fitting the pre-gate on the written model's own routing")
         refit = refit_pregate(RefitConfig(str(out), target_recall=config.target_recall,
@@ -294,20 +294,6 @@ def _layer_tensors(layer: int, x: torch.Tensor, h: torch.Tensor, dense: dict[str
         out[f"{p}.experts.{i}.up_proj.weight"] = up[idx]
         out[f"{p}.experts.{i}.down_proj.weight"] = float(k) * down[:, idx]
     return out, ids
-
-
-def _write_pregate(x0: torch.Tensor, routes: list[torch.Tensor], config: MoefyConfig, out: Path,
-                   report: MoefyReport) -> None:
-    """Fit and save the pre-gating router; its calibration recall (top-K and top-2K) goes in the report."""
-    weight = fit_pregate(x0, routes, config.num_experts)
-    PreGate(weight, list(range(len(routes))), config.top_k).save(out)
-    scores = torch.einsum("th,leh->lte", x0, weight)
-    for m, into in ((config.top_k, report.pregate_recall), (min(2 * config.top_k, config.num_experts),
-                                                              report.pregate_recall_2k)):
-        for i, ids in enumerate(routes):
-            hit = torch.zeros(scores.shape[1], config.num_experts, dtype=torch.bool)
-            hit.scatter_(1, scores[i].topk(m, dim=1).indices, True)
-            into.append(float(hit.gather(1, ids).float().mean()))
 
 
 def _write_tokenizer(ckpt: Checkpoint, out: Path) -> None:

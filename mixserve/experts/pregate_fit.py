@@ -123,6 +123,16 @@ def fit_mlp(rec: RouteRecord, num_experts: int, top_m: int | Sequence[int], hidd
     return PreGate(None, list(range(num_layers)), top_m, mlp=mlp, num_experts=num_experts)
 
 
+def write_dense_pregate(x0: torch.Tensor, routes: list[torch.Tensor], num_experts: int, top_k: int,
+                        out: Path) -> tuple[list[float], list[float]]:
+    """`moefy --pregate-from dense`: fit on the routes `moefy` computed from the dense model's states,
+    save with width K; returns its per-layer recall at K and 2K on those same tokens."""
+    gate = fit_linear(RouteRecord(x0, routes, [], []), num_experts, top_k)
+    gate.save(out)
+    scores = gate.scores(x0)
+    return token_recall(scores, routes, top_k), token_recall(scores, routes, min(2 * top_k, num_experts))
+
+
 def calibrate_top_m(scores: torch.Tensor, routes: list[torch.Tensor], target_recall: float) -> list[int]:
     """Per layer, the smallest m whose top-m holds `target_recall` of the routed experts (else all E)."""
     num_experts = scores.shape[2]
