@@ -154,3 +154,76 @@ def test_cli(dense: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert summary["num_experts"] == 4 and summary["expert_neurons"] == 24 and (out / "pregate.safetensors").is_file()
     assert main(["moefy", str(dense), str(tmp_path / "bad"), "-E", "4", "-K", "8"]) == 2
     assert "--top-k=8 must be in" in capsys.readouterr().err
+
+
+def _own_routing(moe: Path, calib: Path) -> Any:
+    """The moefied model's own routing of the calibration text (the windows moefy used)."""
+    from mixserve.experts.moefy_calib import token_windows
+    from mixserve.experts.pregate_fit import load_moe, record_routes
+
+    model, ckpt = load_moe(moe)
+    windows = token_windows([ckpt.tokenizer.encode(calib.read_text())], 64, 512)
+    return record_routes(model, windows)
+
+
+def test_refit_on_own_routing_beats_the_dense_fit(dense: Path, tmp_path: Path) -> None:
+    from mixserve.experts.pregate import token_recall
+    from mixserve.experts.pregate_fit import RefitConfig, refit_pregate
+
+    moe = tmp_path / "moe"
+    moefy(MoefyConfig(str(dense), str(moe), 8, 2, 0.25, calibration_files=(str(dense.parent / "calib.txt"),),
+                      max_calibration_tokens=512, window=64, pregate_from="dense"), progress=False)
+    rec = _own_routing(moe, dense.parent / "calib.txt")
+    old = token_recall(PreGate.load(moe, top_m=2).scores(rec.x0), rec.routes, 2)
+    report = refit_pregate(RefitConfig(str(moe), calibration_files=(str(dense.parent / "calib.txt"),),
+                                       max_calibration_tokens=512, window=64, target_recall=0.9))
+    new_gate = PreGate.load(moe)  # the stored per-layer widths
+    assert new_gate.top_m == report.top_m and all(2 <= m <= 8 for m in report.top_m)
+    new = token_recall(new_gate.scores(rec.x0), rec.routes, 2)
+    assert sum(new) >= sum(old), (old, new)
+    assert all(r >= 0.9 - 1e-9 or m == 8 for r, m in zip(report.recall, report.top_m))
+    assert json.loads((moe / "pregate.json").read_text())["report"]["top_m"] == report.top_m
+    # the default moefy fits on the model's own routing and stores calibrated widths
+    moe2 = _moefy(dense, tmp_path / "moe2", 8, 2, 0.25)
+    report2 = json.loads((moe2 / "moefy.json").read_text())["report"]
+    assert report2["pregate_from"] == "moe" and PreGate.load(moe2).top_m == report2["pregate_top_m"]
+
+
+def test_mlp_pregate_round_trips(dense: Path, tmp_path: Path) -> None:
+    from mixserve.experts.pregate_fit import fit_mlp
+
+    moe = _moefy(dense, tmp_path / "moe", 8, 2, 0.25)
+    rec = _own_routing(moe, dense.parent / "calib.txt")
+    gate = fit_mlp(rec, 8, [2, 3], hidden=32, steps=20)
+    gate.save(tmp_path)
+    back = PreGate.load(tmp_path)
+    assert back.kind == "mlp" and back.top_m == [2, 3]
+    torch.testing.assert_close(back.scores(rec.x0[:5]), gate.scores(rec.x0[:5]))
+    assert [len(v) for v in back.predict_step(rec.x0[:1]).values()] == [2, 3]
+    from mixserve.cli import main
+
+    assert main(["refit-pregate", str(moe), "--kind", "mlp", "--calibration", str(dense.parent / "calib.txt"),
+                 "--calibration-tokens", "256", "--threads", "1"]) == 0
+    assert PreGate.load(moe).kind == "mlp" and len(PreGate.load(moe).top_m) == 2
+
+
+def test_refit_bad_arguments(dense: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mixserve.cli import main
+    from mixserve.experts.pregate_fit import RefitConfig, calibrate_top_m
+
+    with pytest.raises(ValueError, match="--kind='cubic'"):
+        RefitConfig("m", kind="cubic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="--target-recall=1.5"):
+        RefitConfig("m", target_recall=1.5)
+    with pytest.raises(ValueError, match="--pregate-from='both'"):
+        MoefyConfig(str(dense), str(tmp_path / "o"), 4, 2, pregate_from="both")
+    with pytest.raises(ValueError, match=r"top_m=\[2, 9\] must be in \[1, num_experts=8\]"):
+        PreGate(torch.zeros(2, 8, 4), [0, 1], [2, 9])
+    with pytest.raises(FileNotFoundError, match="no pre-gating router"):
+        PreGate.load(tmp_path)
+    assert main(["refit-pregate", str(dense)]) == 2
+    assert "not an MoE model" in capsys.readouterr().err
+    # calibrate_top_m: smallest m reaching the target, per layer
+    scores = torch.tensor([[[4.0, 3.0, 2.0, 1.0]] * 2])  # 1 layer, 2 tokens
+    routes = [torch.tensor([[0], [2]])]
+    assert calibrate_top_m(scores, routes, 0.5) == [1] and calibrate_top_m(scores, routes, 1.0) == [3]
