@@ -122,9 +122,51 @@ async def run_external(args: argparse.Namespace, port: int, name: str, problems:
             "prefilled_tokens": tally.prompt - tally.cached, "completion_tokens": tally.completion}
 
 
+def metric(port: int, name: str) -> float:
+    """Sum of a counter over its labels from the server's /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.split("{")[0].split(" ")[0] == f"mixserve:{name}")
+
+
+SERVER_COUNTERS = ("prompt_tokens_total", "prompt_tokens_prefilled_total", "generation_tokens_total")
+
+
+async def with_server_counters(port: int, run: Any) -> dict:
+    """Run one path and add what the server's counters saw during it (`server_<counter>`)."""
+    before = {k: metric(port, k) for k in SERVER_COUNTERS}
+    row = await run
+    row.update({f"server_{k}": int(metric(port, k) - v) for k, v in before.items()})
+    return row
+
+
+async def run_itshub(args: argparse.Namespace, port: int, name: str, problems: list, task: Any) -> dict:
+    """its_hub's SelfConsistency / BestOfN in its own venv against the same server (see peers/itshub_scaling.py)."""
+    python = ROOT / ".peers" / "itshub" / "bin" / "python"
+    if not python.exists():
+        raise FileNotFoundError(f"{python} missing: run `bash benchmarks/setup_peers.sh itshub`")
+    qfile = RESULTS / f"itshub_problems_{port}.json"
+    qfile.write_text(json.dumps([{"question": p.question} for p in problems]))
+    cmd = [str(python), str(ROOT / "benchmarks" / "peers" / "itshub_scaling.py"), "--port", str(port),
+           "--model", args.model, "--task", args.task, "--strategy", name, "--budget", str(args.budget),
+           "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature), "--problems", str(qfile)]
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    qfile.unlink()
+    if proc.returncode != 0:
+        raise RuntimeError(f"its_hub run failed:\n{err.decode()[-3000:]}")
+    res = json.loads(out.decode().strip().splitlines()[-1])
+    correct = sum(task.check(p, task.extract(t)) for p, t in zip(problems, res["texts"], strict=True))
+    return {"path": "its_hub 1.2.0 (SelfConsistency / BestOfN over the endpoint)", "strategy": name,
+            "wall_s": res["wall_s"], "accuracy": correct / len(problems), "prompt_tokens": 0, "prefilled_tokens": 0,
+            "completion_tokens": 0}  # filled from the server's counters (with_server_counters)
+
+
 async def run_native_server(args: argparse.Namespace, port: int, name: str, problems: list, task: Any) -> dict:
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=3600)
-    extra = {"strategy": name, "budget": args.budget, **({"verifier": "judge"} if name == "bon" else {})}
+    extra = {"strategy": name, "budget": args.budget, "extractor": args.extractor,
+             **({"verifier": "judge"} if name == "bon" else {})}
     tally = Tally()
     usages: list[Any] = []
     start = time.perf_counter()
@@ -175,9 +217,12 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
     rows = []
     try:
         for name in args.strategies.split(","):
-            rows.append(await run_external(args, port, name, problems, task))
+            if "itshub" in args.peers:
+                rows.append(await with_server_counters(port, run_itshub(args, port, name, problems, task)))
+            if "client" in args.peers:
+                rows.append(await with_server_counters(port, run_external(args, port, name, problems, task)))
             try:
-                rows.append(await run_native_server(args, port, name, problems, task))
+                rows.append(await with_server_counters(port, run_native_server(args, port, name, problems, task)))
             except BadRequestError as exc:
                 print(f"[bench] server rejected the strategy field ({exc}); native path runs in-process")
                 rows.append({"deferred": name})
@@ -199,8 +244,17 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--extractor", default="number",
+                   help="the native path's answer extractor (the external paths vote with the task's own)")
+    p.add_argument("--peers", default="itshub,client",
+                   help="external orchestrators to run: itshub (its_hub in .peers/itshub), client (plain async OpenAI)")
     args = p.parse_args()
     rows = asyncio.run(main_async(args))
+    for r in rows:  # its_hub reports no usage: its plain requests are what the server's counters saw
+        if r["path"].startswith("its_hub"):
+            r["prompt_tokens"] = r["server_prompt_tokens_total"]
+            r["prefilled_tokens"] = r["server_prompt_tokens_prefilled_total"]
+            r["completion_tokens"] = r["server_generation_tokens_total"]
     print(f"{'strategy':<9} {'path':<60} {'wall_s':>8} {'acc':>5} {'prompt':>8} {'prefilled':>9} {'gen':>7}")
     for r in rows:
         print(f"{r['strategy']:<9} {r['path']:<60} {r['wall_s']:>8.1f} {r['accuracy']:>5.2f} "

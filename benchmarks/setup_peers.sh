@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the peer venvs for benchmarks/bench_engine.py, idempotently, under .peers/ (git-ignored).
 #
-#   bash benchmarks/setup_peers.sh                 # all peers: hf llamacpp vllm
+#   bash benchmarks/setup_peers.sh                 # all peers: hf llamacpp vllm itshub
 #   bash benchmarks/setup_peers.sh hf vllm         # only these
 #
 # One venv per peer, never the project venv. torch is installed FIRST and pinned to the CPU build that lies
@@ -77,17 +77,26 @@ setup_vllm() {
   has vllm "$TORCH_OK; import vllm" && log "vllm: ready"
 }
 
+setup_itshub() {
+  # its_hub, the inference-time scaling library, as an external orchestrator over our OpenAI endpoint
+  # (benchmarks/bench_scaling_peer.py). Its [lm] extra needs no torch.
+  if has itshub "import its_hub, aiohttp"; then log "itshub: ready"; return; fi
+  make_venv itshub
+  pip_in itshub "its_hub[lm]==1.2.0"
+  has itshub "import its_hub, aiohttp" && log "itshub: ready"
+}
+
 peers=("$@")
-[[ ${#peers[@]} -eq 0 ]] && peers=(hf vllm llamacpp)
+[[ ${#peers[@]} -eq 0 ]] && peers=(hf vllm llamacpp itshub)
 status=0
 for p in "${peers[@]}"; do
   case "$p" in
-    hf|llamacpp|vllm)
+    hf|llamacpp|vllm|itshub)
       # A subshell with its own errexit: a failing step stops this peer, not the others.
       # flock: two setups running at once never build into the same venv together.
       set +e; ( set -e; exec {lock}>"$PEERS_DIR/.$p.lock"; flock "$lock"; "setup_$p" ); rc=$?; set -e
       [[ $rc -ne 0 ]] && { log "$p: FAILED (rc=$rc)"; status=1; } ;;
-    *) log "unknown peer '$p' (known: hf llamacpp vllm)"; status=2 ;;
+    *) log "unknown peer '$p' (known: hf llamacpp vllm itshub)"; status=2 ;;
   esac
 done
 exit $status

@@ -45,8 +45,9 @@ class EvalConfig:
     """Samples (or beams/particles) per problem, one run per budget."""
     num_problems: int = 8
     """Problems generated for the run."""
-    difficulty: int = 1
-    """Task difficulty, 1 (easiest) to 5."""
+    difficulty: tuple[int, ...] = (1,)
+    """Task difficulties, 1 (easiest) to 5; several (`--difficulty 1,3,5`) mix them, problem i taking
+    difficulty i mod len (a batch of mixed difficulty is where compute-optimal allocation pays)."""
     seed: int = 0
     """Seed of problem generation and sampling."""
     verifier: str = "auto"
@@ -62,6 +63,10 @@ class EvalConfig:
     path is printed)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.difficulty, int):
+            object.__setattr__(self, "difficulty", (self.difficulty,))
+        if not self.difficulty:
+            raise ScalingError("invalid difficulty=(): give at least one difficulty", field="difficulty")
         get_task(self.task)
         for name in self.strategies:
             if name not in STRATEGIES:
@@ -73,9 +78,21 @@ class EvalConfig:
         if self.verifier != "auto" and self.verifier not in VERIFIERS:
             raise ScalingError(f"invalid verifier={self.verifier!r}: auto or one of {', '.join(VERIFIERS)}",
                                field="verifier")
-        get_task(self.task).generate(1, self.seed, self.difficulty)  # validates difficulty
+        for d in self.difficulty:
+            get_task(self.task).generate(1, self.seed, d)  # validates each difficulty
         if self.num_problems < 1:
             raise ScalingError(f"invalid num_problems={self.num_problems!r}: must be >= 1", field="num_problems")
+
+
+def generate_problems(config: EvalConfig) -> list[Problem]:
+    """`num_problems` problems; with several difficulties, problem i has difficulty i mod len (each
+    difficulty's problems come from its own generator run, so one difficulty's set does not depend on
+    how many others are mixed in beyond its count)."""
+    task = get_task(config.task)
+    diffs = config.difficulty
+    counts = [len(range(i, config.num_problems, len(diffs))) for i in range(len(diffs))]
+    per = [iter(task.generate(c, config.seed, d)) if c else iter(()) for c, d in zip(counts, diffs, strict=True)]
+    return [next(per[i % len(diffs)]) for i in range(config.num_problems)]
 
 
 def verifier_for(config: EvalConfig, strategy: str, task: Task, problem: Problem) -> str | None:
@@ -102,7 +119,7 @@ def reset_prefix_cache(engine: Any) -> None:
 def run_cell(engine: Any, tokenizer: Any, config: EvalConfig, strategy: str, budget: int,
              cost: ModelCost | None) -> dict[str, Any]:
     task = get_task(config.task)
-    problems = task.generate(config.num_problems, config.seed, config.difficulty)
+    problems = generate_problems(config)
     params = SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed)
     scale = ScaleConfig(budget=budget, params=params, max_steps=config.max_steps)
     tag = f"eval-{strategy}-{budget}"

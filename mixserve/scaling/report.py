@@ -33,10 +33,10 @@ def write_outputs(rows: list[dict[str, Any]], config: Any, model: str, out_dir: 
     from mixserve.scaling.evaluate import config_dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{Path(model).stem}-{config.task}-d{config.difficulty}"
+    stem = f"{Path(model).stem}-{config.task}-d{'-'.join(map(str, config.difficulty))}"
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps({"model": model, "config": config_dict(config), "rows": rows}, indent=2))
-    title = f"{model} on {config.task} (difficulty {config.difficulty})"
+    title = f"{model} on {config.task} (difficulty {', '.join(map(str, config.difficulty))})"
     return [json_path, plot(rows, out_dir / f"{stem}.png", title)]
 
 
