@@ -129,7 +129,7 @@ def metric(port: int, name: str) -> float:
                if line.split("{")[0].split(" ")[0] == f"mixserve:{name}")
 
 
-SERVER_COUNTERS = ("prompt_tokens_total", "prompt_tokens_prefilled_total", "generation_tokens_total")
+SERVER_COUNTERS = ("prompt_tokens_admitted_total", "prompt_tokens_prefilled_total", "generation_tokens_total")
 
 
 async def with_server_counters(port: int, run: Any) -> dict:
@@ -252,7 +252,7 @@ def main() -> int:
     rows = asyncio.run(main_async(args))
     for r in rows:  # its_hub reports no usage: its plain requests are what the server's counters saw
         if r["path"].startswith("its_hub"):
-            r["prompt_tokens"] = r["server_prompt_tokens_total"]
+            r["prompt_tokens"] = r["server_prompt_tokens_admitted_total"]
             r["prefilled_tokens"] = r["server_prompt_tokens_prefilled_total"]
             r["completion_tokens"] = r["server_generation_tokens_total"]
     print(f"{'strategy':<9} {'path':<60} {'wall_s':>8} {'acc':>5} {'prompt':>8} {'prefilled':>9} {'gen':>7}")

@@ -13,6 +13,7 @@ from mixserve.engine.engine import Engine, ModelInfo
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.setup import build_from_pack, pack_tokenizer, prepare_pack
 from mixserve.hub import default_cache_dir, resolve_model
+from mixserve.layers.invariant import set_batch_invariant
 from mixserve.layers.linear import quantize_linears
 from mixserve.layers.quant import QuantMode
 from mixserve.loading.checkpoint import Checkpoint, load_checkpoint
@@ -110,7 +111,9 @@ def wire_engine(loaded: LoadedModel, config: EngineConfig, seed: int = 0) -> Bui
     eos = tuple(checkpoint.tokenizer.eos_token_ids)
     vocab_size = int(checkpoint.hf_config["vocab_size"])
     constraints = Constraints(checkpoint.tokenizer.backend.to_str, vocab_size, eos)
-    runner = TorchModelRunner(lm, num_blocks, cache.block_size, dtype, eos, seed=seed, constraints=constraints)
+    set_batch_invariant(model, config.model.batch_invariant)
+    runner = TorchModelRunner(lm, num_blocks, cache.block_size, dtype, eos, seed=seed, constraints=constraints,
+                              batch_invariant=config.model.batch_invariant)
     info = ModelInfo(max_model_len=max_len, vocab_size=vocab_size,
                      eos_token_ids=eos, num_blocks=num_blocks)
     engine = Engine(config, runner, checkpoint.tokenizer, info)

@@ -62,6 +62,10 @@ class ModelConfig:
     """Context length cap (prompt + output); None: the model's own limit, at most 8192."""
     num_threads: int | None = None
     """torch intra-op threads; None: all cores."""
+    batch_invariant: bool = False
+    """Make a request's tokens and logprobs bitwise independent of the rest of the batch, of prompt
+    chunking and of prefix-cache hits (fixed-tile fp32 matmuls, per-query attention; slower, see
+    BENCHMARKS.md). Off: results may differ in the last bits with the batch."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", self.model, "must be a name or a path")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixserve.layers.invariant import tiled_linear
 from mixserve.layers.quant import Int8Weight, QuantizedWeight, QuantMode, quantize_int8, quantize_weight
 
 __all__ = ["Linear", "enable_int8", "quantize_int8", "quantize_linears"]
@@ -32,6 +33,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.quant: QuantizedWeight | None = None
+        self.invariant = False
+        """Batch-invariant mode (`layers/invariant.py`): dense weights run in fixed-size row tiles."""
 
     def quantize(self, mode: QuantMode) -> None:
         """Build the quantized weight used from now on for every call (see `QuantMode`)."""
@@ -43,6 +46,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
+            if self.invariant:
+                return tiled_linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         if x.dim() == 2:  # the runner's packed `[num_tokens, in_features]`: no reshapes
             y = self.quant.matmul(x).to(x.dtype)

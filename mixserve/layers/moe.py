@@ -30,6 +30,7 @@ from torch import nn
 
 from mixserve.experts.provider import ExpertProvider, ExpertWeights, borrow_experts
 from mixserve.experts.trace import RouteSource, RoutingObserver
+from mixserve.layers.invariant import tiled_linear
 from mixserve.layers.linear import Linear
 
 Scoring = Literal["softmax", "sigmoid"]
@@ -61,9 +62,10 @@ class RouterGate(nn.Module):
     def __init__(self, hidden_size: int, num_outputs: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_outputs, hidden_size), requires_grad=False)
+        self.invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return tiled_linear(x, self.weight) if self.invariant else F.linear(x, self.weight)
 
 
 class Router(Protocol):
@@ -95,9 +97,11 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.scoring: Scoring = scoring
         self.normalize_topk = normalize_topk
+        self.invariant = False
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden.to(self.weight.dtype), self.weight)  # [num_tokens, num_experts], like HF
+        x = hidden.to(self.weight.dtype)
+        logits = tiled_linear(x, self.weight) if self.invariant else F.linear(x, self.weight)  # like HF
         if self.scoring == "softmax":
             return torch.softmax(logits, dim=-1, dtype=torch.float32)
         return torch.sigmoid(logits.float())
@@ -134,6 +138,8 @@ class MoE(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_experts = num_experts
+        self.invariant = False
+        """Batch-invariant mode: expert matmuls in fixed-size row tiles (`layers/invariant.py`)."""
         self.weights_in_activation_dtype = weights_in_activation_dtype
         self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size)
                               if shared_intermediate_size is not None else None)
@@ -210,8 +216,9 @@ class MoE(nn.Module):
                     f"MoE layer {self.layer_idx} expert {expert_id}: gate_up {list(gate_up.shape)} / down "
                     f"{list(down.shape)}, expected {list(gate_up_shape)} / {list(down_shape)}")
             start, n = starts[expert_id], num_rows[expert_id]
-            h = silu_and_mul(F.linear(xs[start:start + n], gate_up))  # [n, intermediate_size]
-            out[start:start + n] = F.linear(h, down)
+            linear = tiled_linear if self.invariant else F.linear
+            h = silu_and_mul(linear(xs[start:start + n], gate_up))  # [n, intermediate_size]
+            out[start:start + n] = linear(h, down)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -18,6 +18,7 @@ import torch
 from mixserve.engine.engine import RunnerOutput
 from mixserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from mixserve.layers.attention import AttentionMetadata, KVCache
+from mixserve.layers.invariant import InvariantAttention
 from mixserve.models.base import CausalLM, KVCacheSpec
 from mixserve.runner.batch import build_group
 from mixserve.runner.stage import StageBoundary, batch_order
@@ -44,8 +45,10 @@ class TorchModelRunner:
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
                  eos_token_ids: tuple[int, ...], seed: int = 0, layers: tuple[int, int] | None = None,
-                 constraints: Constraints | None = None) -> None:
+                 constraints: Constraints | None = None, batch_invariant: bool = False) -> None:
         self.model = model
+        self.batch_invariant = batch_invariant
+        """Attend through `InvariantAttention` (the model's modules are switched by the builder)."""
         self.block_size = block_size
         self.dtype = dtype
         spec = model.kv_cache_spec()
@@ -158,7 +161,12 @@ class TorchModelRunner:
             groups.append(build_group(seqs[:num_decode], bs))
         groups.extend(build_group([s], bs) for s in seqs[num_decode:])
         slot_mapping = torch.tensor(slots, dtype=torch.long)
-        if len(groups) == 1:
+        if self.batch_invariant:
+            meta = AttentionMetadata(query_lens=[s.num_tokens for s in seqs],
+                                     seq_lens=[s.start_pos + s.num_tokens for s in seqs],
+                                     slot_mapping=slot_mapping, kv_slots=None, q_index=None,
+                                     view=invariant_view(seqs, bs))
+        elif len(groups) == 1:
             meta = groups[0]
             meta.slot_mapping = slot_mapping
         else:
@@ -234,3 +242,18 @@ class TorchModelRunner:
         return SamplingRow(params=spec.params, prompt_token_ids=seq.prompt_token_ids,
                            output_token_ids=seq.output_token_ids, generator=generator,
                            suppress_token_ids=spec.suppress_token_ids, allowed=allowed)
+
+
+def invariant_view(seqs: list[ScheduledSeq], block_size: int) -> InvariantAttention:
+    """Per-query attention layout of a step for batch-invariant mode."""
+    positions: list[int] = []
+    rows: list[int] = []
+    contexts: list[torch.Tensor] = []
+    for i, seq in enumerate(seqs):
+        end = seq.start_pos + seq.num_tokens
+        table = torch.tensor(seq.block_ids[:-(-end // block_size)], dtype=torch.long)
+        slots = (table[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:end]
+        contexts.append(slots)
+        positions.extend(range(seq.start_pos, end))
+        rows.extend([i] * seq.num_tokens)
+    return InvariantAttention(positions, rows, contexts)
