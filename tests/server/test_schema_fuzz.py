@@ -24,7 +24,7 @@ def test_schemathesis_finds_no_server_errors(smollm2_path: str, tmp_path: Path) 
     cli = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
     if not Path(cli).exists():
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
-    srv = start_server(smollm2_path, tmp_path, "--max-model-len", "96", "--max-num-seqs", "4")
+    srv = start_server(smollm2_path, tmp_path, "--max-model-len", "48", "--max-num-seqs", "4")
     try:
         cmd = [cli, "run", f"{srv.url}/openapi.json", "--url", srv.url,
                "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,"
