@@ -18,7 +18,6 @@ docs/design-notes.md); on one replica the N samples share one prefill and one KV
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import time
@@ -34,12 +33,9 @@ from mixserve.cluster.pool import ReplicaHandle, is_replica_failure
 from mixserve.cluster.replica import ERRORS, Admission
 from mixserve.sampling_params import SamplingParams
 from mixserve.scaling import ModelCost, ScaleResult
-from mixserve.server.errors import as_api_error, error_frame
 from mixserve.server.params import Prompt
-from mixserve.server.scaling import _build as build_strategy
-from mixserve.server.scaling import _final as final_fields
-from mixserve.server.scaling import count_verifier
-from mixserve.server.serving import ServerState, sse
+from mixserve.server.scaling import build_strategy, count_verifier, final_fields, strategy_sse
+from mixserve.server.serving import ServerState
 
 Event = dict[str, Any]
 
@@ -152,32 +148,5 @@ async def _stream(state: ServerState, engine: Any, spec: ScaleSpec, head: dict[s
                   session: str | None) -> AsyncIterator[str]:
     events: asyncio.Queue[Event] = asyncio.Queue()
     task = asyncio.ensure_future(run_remote(engine, spec, events.put_nowait, session))
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def event_chunk(ev: Event) -> str:
-        return sse({**head, "object": obj, "choices": [], "scaling_event": ev})
-
-    try:
-        while not task.done():
-            getter = asyncio.ensure_future(events.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield event_chunk(getter.result())
-            else:
-                getter.cancel()
-        while not events.empty():
-            yield event_chunk(events.get_nowait())
-        try:
-            result = task.result()
-            count_verifier(state, result)
-            yield sse({**head, "object": obj, **final_fields(result, chat, stream=True)})
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported in-band (the status was already 200)
-            yield error_frame(as_api_error(exc))
-        yield "data: [DONE]\n\n"
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    async for chunk in strategy_sse(state, task, events, head, chat):
+        yield chunk

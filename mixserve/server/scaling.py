@@ -37,7 +37,7 @@ def reference_verifier(reference: str, extract: Any) -> FunctionVerifier:
     return FunctionVerifier(lambda text: float(extract(text) == want), name="task")
 
 
-def _build(state: ServerState, body: Any, prompt: Prompt, params: SamplingParams, cost: ModelCost | None,
+def build_strategy(state: ServerState, body: Any, prompt: Prompt, params: SamplingParams, cost: ModelCost | None,
            strategy_id: str) -> Any:
     extractor = getattr(body, "extractor", None)
     reference = getattr(body, "reference", None)
@@ -64,14 +64,14 @@ def make_scaling_hook(cost: ModelCost | None) -> Any:
 
     async def run(state: ServerState, body: Any, prompt: Prompt, params: SamplingParams, obj: str) -> Any:
         engine = state.ready()
-        strategy = _build(state, body, prompt, params, cost, engine.new_id("scale"))
+        strategy = build_strategy(state, body, prompt, params, cost, engine.new_id("scale"))
         chat = obj == "chat.completion"
         head = {"id": engine.new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()),
                 "model": state.model_name}
         if not body.stream:
             result = await engine.run_controller(strategy)
             count_verifier(state, result)
-            return {**head, "object": obj, **_final(result, chat, stream=False)}
+            return {**head, "object": obj, **final_fields(result, chat, stream=False)}
         return StreamingResponse(_stream(state, engine, strategy, head, chat), media_type="text/event-stream")
 
     return run
@@ -92,11 +92,19 @@ async def _stream(state: ServerState, engine: Any, strategy: Any, head: dict[str
     def emit(event: dict[str, Any]) -> None:  # on the engine thread
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    wrapped = ProgressController(strategy, emit)
-    task = asyncio.ensure_future(engine.run_controller(wrapped))
+    task = asyncio.ensure_future(engine.run_controller(ProgressController(strategy, emit)))
+    async for chunk in strategy_sse(state, task, events, head, chat):
+        yield chunk
+
+
+async def strategy_sse(state: ServerState, task: asyncio.Future[ScaleResult], events: asyncio.Queue[Any],
+                       head: dict[str, Any], chat: bool) -> AsyncIterator[str]:
+    """The SSE stream of a strategy request: one chunk per progress event from `events` while `task`
+    runs (here, or on a cluster replica), then the final chunk in the normal shape and `[DONE]`; an error
+    after the 200 is sent in-band. Cancels `task` if the client goes away."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def event_chunk(ev: dict[str, Any]) -> str:
+    def event_chunk(ev: Any) -> str:
         return sse({**head, "object": obj, "choices": [], "scaling_event": ev})
 
     try:
@@ -112,7 +120,7 @@ async def _stream(state: ServerState, engine: Any, strategy: Any, head: dict[str
         try:
             result = task.result()
             count_verifier(state, result)
-            yield sse({**head, "object": obj, **_final(result, chat, stream=True)})
+            yield sse({**head, "object": obj, **final_fields(result, chat, stream=True)})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported in-band (the status was already 200)
@@ -125,7 +133,7 @@ async def _stream(state: ServerState, engine: Any, strategy: Any, head: dict[str
                 await task
 
 
-def _final(result: ScaleResult, chat: bool, stream: bool) -> dict[str, Any]:
+def final_fields(result: ScaleResult, chat: bool, stream: bool) -> dict[str, Any]:
     finish = (result.candidates[result.selected[0]].finish_reason if result.selected else None) or "stop"
     choice: dict[str, Any]
     if chat:
