@@ -17,9 +17,7 @@ from typing import Protocol
 from mixserve.config import ConfigError
 from mixserve.mixture.experts import Expert, ExpertRequest, Question
 
-KEYWORD_PROMPT = """List the skills needed to answer the question as 2-5 short keywords (1-3 words each). \
-Do not answer the question.
-
+KEYWORD_PROMPT = """List the skills the question needs as 2-5 short keywords. Do not answer it.
 Question: {question}"""
 
 # Few-shot examples as earlier chat turns (a 135M chat model answers the question itself when they are
@@ -28,7 +26,6 @@ KEYWORD_SHOTS: tuple[tuple[str, str], ...] = tuple(
     (KEYWORD_PROMPT.format(question=q), f"Keywords: {k}") for q, k in (
         ("What is 345 + 678?", "arithmetic, addition, carrying"),
         ("Sort these numbers in ascending order: 9, 2, 7.", "sorting, ordering, comparison"),
-        ("What is the greatest common divisor of 84 and 36?", "number theory, divisibility, gcd"),
         ("Who wrote the novel Pride and Prejudice?", "literature, history, authors")))
 
 
