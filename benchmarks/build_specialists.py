@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(CACHE))
     ap.add_argument("--force", action="store_true", help="rebuild specialists that are cached")
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--no-base", action="store_true", help="do not evaluate the base model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")
@@ -255,7 +256,7 @@ def main() -> None:
         print(f"[specialists] {task}: {info['steps']} steps, {info['s_per_step']:.2f} s/step, "
               f"precompute {info['precompute_s']:.0f} s, loss {info['loss_first'][0]:.3f} -> "
               f"{info['loss_last'][-1]:.3f} -> {folder}", flush=True)
-    models = {"base": base_path, **{f"spec-{t}": str(f) for t, f in folders.items()}}
+    models = {**({} if args.no_base else {"base": base_path}), **{f"spec-{t}": str(f) for t, f in folders.items()}}
     for name, mpath in models.items():
         acc, llm = evaluate(mpath, tasks, eval_sets, args.eval_max_tokens)
         out["accuracy"][name] = acc
@@ -268,12 +269,15 @@ def main() -> None:
         del llm
         path.write_text(json.dumps(out, indent=1))
         print(f"[specialists] {name}: " + ", ".join(f"{t} {a:.2f}" for t, a in acc.items()), flush=True)
-    for t, info in out["specialists"].items():
-        same = info["hf_greedy"] == out["mixserve_greedy"][f"spec-{t}"]
-        info["hf_equals_mixserve"] = same
-        print(f"[specialists] spec-{t}: transformers greedy == mixserve greedy: {same} "
-              f"({info['hf_greedy']!r} / {out['mixserve_greedy'][f'spec-{t}']!r})")
-    if "base_hf_greedy" in out:
+    from transformers import LlamaForCausalLM
+
+    for t, folder in folders.items():  # the written folder through transformers vs through mixserve
+        hf = greedy_hf(LlamaForCausalLM.from_pretrained(str(folder)).eval(), ckpt, probe, 24)
+        ms = out["mixserve_greedy"][f"spec-{t}"]
+        out.setdefault("hf_equals_mixserve", {})[f"spec-{t}"] = {"equal": hf == ms, "transformers": hf,
+                                                                 "mixserve": ms}
+        print(f"[specialists] spec-{t}: transformers greedy == mixserve greedy: {hf == ms} ({hf!r} / {ms!r})")
+    if "base_hf_greedy" in out and "base" in out["mixserve_greedy"]:
         out["base_hf_equals_mixserve"] = out["base_hf_greedy"] == out["mixserve_greedy"]["base"]
     path.write_text(json.dumps(out, indent=1))
     print_table(out, tasks)
