@@ -3,6 +3,11 @@ models, Symbolic-MoE recruitment + aggregator, Mixture-of-Agents; and model load
 vs per-question scheduling under a pool budget that holds one model at a time.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_mixture.py --per-task 3 --max-tokens 48
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_mixture.py --models smollm2-135m --specialists \
+        --per-task 5 --max-tokens 32 --skip-scheduling       # with benchmarks/build_specialists.py's folders
+
+`--models` takes known names, paths or `name=path`; `--specialists` adds the cached specialist folders
+(`~/.cache/mixserve/specialists/smollm2-135m-<task>`, named `spec-<task>`) for every `--tasks` family.
 
 Writes benchmarks/results/mixture_<stamp>.json (+ .png) and prints the tables. Every stage is saved as it
 finishes, so a long run that is stopped keeps what it measured.
@@ -19,7 +24,7 @@ from typing import Any
 
 from mixserve.mixture.build import llm_expert_factory, parse_budget, real_pool
 from mixserve.mixture.grading import TaskGrader, mixed_problems, questions_from
-from mixserve.mixture.models import ModelSpec
+from mixserve.mixture.models import ModelSpec, spec_from_arg
 from mixserve.mixture.pipeline import Mixture, MixtureConfig
 from mixserve.mixture.profile import profile_models
 from mixserve.mixture.profiles import Profiles
@@ -29,11 +34,19 @@ from mixserve.mixture.skills import KeywordMapper, MiniLMEmbedder, SkillConfig
 from mixserve.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
+SPECIALISTS = Path.home() / ".cache" / "mixserve" / "specialists"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m", help="comma list: name, path or name=path")
+    ap.add_argument("--specialists", action="store_true",
+                    help="add the specialist folders of build_specialists.py (one per --tasks family)")
+    ap.add_argument("--specialist-dir", default=str(SPECIALISTS))
+    ap.add_argument("--annotator", default=None, help="keyword model (default: the first of --models)")
+    ap.add_argument("--k", type=int, default=3, help="experts recruited per question (symbolic, random-k)")
+    ap.add_argument("--moa-layers", type=int, default=2)
+    ap.add_argument("--skip-scheduling", action="store_true", help="skip the grouped vs per-question comparison")
     ap.add_argument("--tasks", default="arithmetic,sorting,gcd")
     ap.add_argument("--per-task", type=int, default=3, help="test questions per task (validation: the same)")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -52,8 +65,12 @@ def main() -> None:
     def save() -> None:
         path.write_text(json.dumps(out, indent=1))
 
-    specs = [ModelSpec(name=m, model=m) for m in args.models.split(",")]
     tasks = args.tasks.split(",")
+    specs = [spec_from_arg(m) for m in args.models.split(",") if m]
+    if args.specialists:
+        specs += [ModelSpec(name=f"spec-{t}", model=str(Path(args.specialist_dir) / f"smollm2-135m-{t}"))
+                  for t in tasks]
+    annotator = args.annotator or specs[0].name
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.7)
     expert_of = llm_expert_factory(params)
     grader = TaskGrader()
@@ -69,24 +86,24 @@ def main() -> None:
         profiles = Profiles.load(tmp)
         tmp.unlink()
     else:
-        profiles, keywords, prof_report = profile_models(pool, expert_of, val, grader, skills, specs[0].name)
+        profiles, keywords, prof_report = profile_models(pool, expert_of, val, grader, skills, annotator)
         out["profile"] = {"seconds": time.perf_counter() - t0, "profiles": profiles.to_json(),
                           "keywords": keywords, "report": prof_report.as_dict()}
     save()
     mapper = KeywordMapper(profiles.vocabulary(), MiniLMEmbedder()) if profiles.vocabulary() else None
-    mixture = Mixture(pool, expert_of, profiles, grader, MixtureConfig(recruit=RecruitConfig(k=3)), skills,
-                      mapper, annotator=specs[0].name)
+    config = MixtureConfig(recruit=RecruitConfig(k=args.k), moa_layers=args.moa_layers)
+    mixture = Mixture(pool, expert_of, profiles, grader, config, skills, mapper, annotator=annotator)
     rows = []
     methods = args.methods.split(",")
     for method in methods:
         singles = [s.name for s in specs] if method == "single" else [None]
         for single in singles:
             m = replace(mixture.config, single=single) if single else mixture.config
-            runner = Mixture(pool, expert_of, profiles, grader, m, skills, mapper, annotator=specs[0].name)
+            runner = Mixture(pool, expert_of, profiles, grader, m, skills, mapper, annotator=annotator)
             if method == "symbolic" and mapper is None:
                 continue
             run = runner.run(test, method)
-            name = f"single:{single}" if single else method
+            name = f"single:{single}" if single else f"random-{args.k}" if method == "random" else method
             rows.append({"method": name, "accuracy": run.accuracy, "wall_s": run.report.wall_seconds,
                          "loads": run.report.loads, "stages": {k: v.as_dict() for k, v in run.stages.items()},
                          "recruited": [r.recruited for r in run.results],
@@ -95,7 +112,7 @@ def main() -> None:
             save()
             print(f"{name:<24} acc {run.accuracy:.3f}  wall {run.report.wall_seconds:7.1f}s  "
                   f"loads {run.report.loads}", flush=True)
-            if method == "symbolic":
+            if method == "symbolic" and not args.skip_scheduling:
                 out["scheduling"] = compare_scheduling(specs, run, args)
                 save()
     pool.close()

@@ -63,6 +63,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixture", action="append", default=[], metavar="NAME=PROFILES",
                    help="serve a mixture of the pool's models as model mixture/NAME (profiles JSON from "
                         "`mixserve mixture profile`; repeatable)")
+    g.add_argument("--mixture-max-tokens", type=int, default=128, help="max tokens of each expert call of a mixture")
 
 
 def serve_models(args: argparse.Namespace, options: Any) -> int | None:
@@ -83,7 +84,11 @@ def serve_models(args: argparse.Namespace, options: Any) -> int | None:
         if not sep or not name or not path:
             raise ConfigError(f"invalid --mixture {item!r}: expected NAME=PROFILES.json", field="mixture")
         mixtures[name] = path
-    return serve_pool(specs, parse_budget(args.pool_memory_budget), options, args.preload, mixtures)
+    if args.mixture_max_tokens < 1:
+        raise ConfigError(f"invalid --mixture-max-tokens {args.mixture_max_tokens!r}: must be >= 1",
+                          field="mixture_max_tokens")
+    return serve_pool(specs, parse_budget(args.pool_memory_budget), options, args.preload, mixtures,
+                      args.mixture_max_tokens)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -42,6 +42,21 @@ class ExpertRequest:
     seed: int = 0
     candidates: tuple[str, ...] = ()
     """Answers being aggregated (role "aggregate")."""
+    shots: tuple[tuple[str, str], ...] = ()
+    """Few-shot examples, (user, assistant) turns a chat model sees before `prompt` (role "keywords")."""
+
+
+def chat_messages(request: ExpertRequest) -> list[dict[str, str]]:
+    """The request as a conversation: its few-shot turns, then `prompt` as the user turn."""
+    messages = []
+    for user, assistant in request.shots:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return [*messages, {"role": "user", "content": request.prompt}]
+
+
+def raw_prompt(request: ExpertRequest) -> str:
+    """The request as plain text, for a model without a chat template."""
+    return "".join(f"{user}\n{assistant}\n\n" for user, assistant in request.shots) + request.prompt + "\n"
 
 
 @dataclass(frozen=True)
@@ -65,16 +80,16 @@ class LLMExpert:
         self.llm = llm
         self.params = params
 
-    def _prompt(self, text: str) -> str:
+    def _prompt(self, request: ExpertRequest) -> str:
         try:
-            return self.llm.chat_prompt([{"role": "user", "content": text}])
+            return self.llm.chat_prompt(chat_messages(request))  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - a base model without a chat template gets the raw text
-            return text + "\n"
+            return raw_prompt(request)
 
     def generate(self, requests: list[ExpertRequest]) -> list[ExpertAnswer]:
         from dataclasses import replace
 
-        prompts = [self._prompt(r.prompt) for r in requests]
+        prompts = [self._prompt(r) for r in requests]
         # One engine batch: requests with different seeds still run together (seed is per request).
         finals = self.llm.generate(prompts, [replace(self.params, seed=(r.seed if self.params.temperature > 0
                                                                           else None)) for r in requests])

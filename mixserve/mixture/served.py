@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mixserve.mixture.experts import ExpertAnswer, ExpertRequest, Question
+from mixserve.mixture.experts import ExpertAnswer, ExpertRequest, Question, chat_messages, raw_prompt
 from mixserve.mixture.grading import TaskGrader
 from mixserve.mixture.pipeline import Mixture, MixtureConfig, MixtureRun
 from mixserve.mixture.pool import ModelPool
@@ -33,18 +33,18 @@ class EngineExpert:
     def __init__(self, state: Any, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> None:
         self.state, self.params, self.loop = state, params, loop
 
-    def _ids(self, text: str) -> list[int]:
+    def _ids(self, request: ExpertRequest) -> list[int]:
         tok = self.state.tokenizer
         try:
-            prompt = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            prompt = tok.apply_chat_template(chat_messages(request), add_generation_prompt=True)
             return list(tok.encode(prompt, add_special_tokens=False))
         except Exception:  # noqa: BLE001 - a base model without a chat template gets the raw text
-            return list(tok.encode(text + "\n"))
+            return list(tok.encode(raw_prompt(request)))
 
     async def _one(self, request: ExpertRequest) -> ExpertAnswer:
         from dataclasses import replace
 
-        ids = self._ids(request.prompt)
+        ids = self._ids(request)
         params = replace(self.params, seed=request.seed if self.params.temperature > 0 else None)
         text, n = "", 0
         async for delta in self.state.engine.stream(f"mix-{uuid.uuid4().hex}", ids, params):

@@ -232,13 +232,14 @@ def make_pool_app(specs: list[ModelSpec], budget_bytes: int, front: ServerState,
 
 
 def serve_pool(specs: list[ModelSpec], budget_bytes: int, options: Any, preload: list[str],
-               mixtures: dict[str, str] | None = None) -> int:
+               mixtures: dict[str, str] | None = None, mixture_max_tokens: int = 128) -> int:
     from mixserve.server.http import uvicorn_config
 
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     front = ServerState(model_name=specs[0].name, reject_unknown_fields=options.reject_unknown_fields,
                         request_limits=options.limits)
-    app, _, _ = make_pool_app(specs, budget_bytes, front, options.cache_dir, preload, mixtures)
+    app, _, _ = make_pool_app(specs, budget_bytes, front, options.cache_dir, preload, mixtures,
+                              mixture_max_tokens)
     server = uvicorn.Server(uvicorn_config(app, options.limits, host=options.host, port=options.port,
                                            log_level=options.log_level, access_log=False,
                                            timeout_graceful_shutdown=int(options.shutdown_timeout_s)))

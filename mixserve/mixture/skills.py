@@ -17,17 +17,16 @@ from typing import Protocol
 from mixserve.config import ConfigError
 from mixserve.mixture.experts import Expert, ExpertRequest, Question
 
-KEYWORD_PROMPT = """List the skills needed to answer the question as 2-5 short keywords (1-3 words each).
-Examples:
-Question: What is 345 + 678?
-Keywords: arithmetic, addition, carrying
-Question: Sort these numbers in ascending order: 9, 2, 7.
-Keywords: sorting, ordering, comparison
-Question: What is the greatest common divisor of 84 and 36?
-Keywords: number theory, divisibility, gcd
+KEYWORD_PROMPT = """List the skills the question needs as 2-5 short keywords. Do not answer it.
+Question: {question}"""
 
-Question: {question}
-Keywords:"""
+# Few-shot examples as earlier chat turns (a 135M chat model answers the question itself when they are
+# inlined in one user message, and then no keyword survives the self-consistency filter).
+KEYWORD_SHOTS: tuple[tuple[str, str], ...] = tuple(
+    (KEYWORD_PROMPT.format(question=q), f"Keywords: {k}") for q, k in (
+        ("What is 345 + 678?", "arithmetic, addition, carrying"),
+        ("Sort these numbers in ascending order: 9, 2, 7.", "sorting, ordering, comparison"),
+        ("Who wrote the novel Pride and Prejudice?", "literature, history, authors")))
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,8 @@ class KeywordExtractor:
 
     def extract(self, questions: list[Question]) -> list[list[str]]:
         k = self.config.num_samples
-        requests = [ExpertRequest(q, KEYWORD_PROMPT.format(question=q.text), "keywords", seed=s)
+        requests = [ExpertRequest(q, KEYWORD_PROMPT.format(question=q.text), "keywords", seed=s,
+                                  shots=KEYWORD_SHOTS)
                     for q in questions for s in range(k)]
         answers = self.annotator.generate(requests)
         return [consistent_keywords([parse_keywords(a.text) for a in answers[i * k:(i + 1) * k]], self.config)

@@ -65,3 +65,33 @@ def test_minilm_maps_by_meaning() -> None:
     mapper = KeywordMapper(["arithmetic", "sorting", "biology", "number theory"], emb)
     assert mapper.map(["summation", "ordering numbers", "cell biology", "prime factors"]) == [
         "arithmetic", "sorting", "biology", "number theory"]
+
+
+def test_keyword_requests_carry_few_shot_chat_turns() -> None:
+    """The keyword prompt's examples reach a chat model as earlier turns, before the question's own turn."""
+    from mixserve.mixture.experts import LLMExpert, chat_messages, raw_prompt
+    from mixserve.mixture.skills import KEYWORD_PROMPT, KEYWORD_SHOTS
+    from mixserve.sampling_params import SamplingParams
+
+    class FakeLLM:
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+
+        def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+            return "|".join(f"{m['role']}:{m['content']}" for m in messages)
+
+        def generate(self, prompts: list[str], params: object) -> list[object]:
+            from types import SimpleNamespace
+            self.prompts += prompts
+            return [SimpleNamespace(outputs=[SimpleNamespace(text="Keywords: gcd", token_ids=[1])],
+                                    prompt_token_ids=[1]) for _ in prompts]
+
+    llm = FakeLLM()
+    q = Question("q0", "What is 2 + 2?")
+    KeywordExtractor(LLMExpert(llm, SamplingParams(max_tokens=8)), SkillConfig(num_samples=2)).extract([q])  # type: ignore[arg-type]
+    req = ExpertRequest(q, KEYWORD_PROMPT.format(question=q.text), "keywords", shots=KEYWORD_SHOTS)
+    messages = chat_messages(req)
+    assert [m["role"] for m in messages] == ["user", "assistant"] * len(KEYWORD_SHOTS) + ["user"]
+    assert messages[-1]["content"].endswith("Question: What is 2 + 2?")
+    assert llm.prompts == [FakeLLM().chat_prompt(messages)] * 2
+    assert raw_prompt(req).endswith("Question: What is 2 + 2?\n") and "Keywords: arithmetic" in raw_prompt(req)
