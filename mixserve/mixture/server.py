@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,20 @@ class ServerModelLoader:
         gc.collect()
 
 
+POOL_WAITERS = 256
+"""Threads that may wait in `ModelPool.acquire` at once (waiting for room or another caller's load)."""
+
+
 class PoolRouter:
-    """Request `model` -> a pinned per-model ServerState, and the model-management routes' logic."""
+    """Request `model` -> a pinned per-model ServerState, and the model-management routes' logic.
+
+    Acquires block (a load, or waiting for room until pinned models are released). They run on the
+    router's own executor, never the event loop's default one: the requests that hold pins need the
+    default executor (body parsing, tokenization) to finish and release them, and a burst of first
+    requests to unloaded models would otherwise fill it with waiters and deadlock the server."""
 
     def __init__(self, pool: ModelPool[ServerState], default: str, mixtures: dict[str, Any] | None = None) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=POOL_WAITERS, thread_name_prefix="mixserve-pool")
         self.pool = pool
         self.default = default
         self.mixtures: dict[str, Any] = mixtures or {}
@@ -111,7 +122,7 @@ class PoolRouter:
     async def route(self, name: str | None) -> tuple[ServerState, Callable[[], None]]:
         name = self._check(name)
         try:
-            state = await asyncio.to_thread(self.pool.acquire, name)
+            state = await self._blocking(self.pool.acquire, name)
         except PoolError as exc:
             status = 404 if exc.code == "model_not_found" else 503
             raise ApiError(status, str(exc), param="model", code=exc.code) from exc
@@ -124,6 +135,9 @@ class PoolRouter:
                 self.pool.release(name)
         return state, release
 
+    async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
     async def load(self, name: str | None) -> dict[str, Any]:
         state, release = await self.route(name)
         release()
@@ -133,7 +147,7 @@ class PoolRouter:
         name = self._check(name)
         if self.pool.state(name) == "unloaded":
             return {"model": name, "status": "unloaded"}
-        if not await asyncio.to_thread(self.pool.unload, name):
+        if not await self._blocking(self.pool.unload, name):
             raise ApiError(409, f"model {name!r} is in use or loading; retry when its requests finish",
                            param="model", code="model_busy")
         return {"model": name, "status": "unloaded"}
