@@ -38,13 +38,16 @@ class RequestLimits:
     """A client that stops reading a response for this long is disconnected (its request is aborted)."""
     max_header_bytes: int = 16 * 1024
     """Largest request line + headers (h11's `max_incomplete_event_size`); larger gets 400 and a close."""
+    max_strategy_budget: int = 256
+    """Largest `budget` of a strategy request (samples, beams or particles): its samples are forks that
+    bypass `max_num_seqs`, so this bounds the work one request can ask for; larger is 400."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"invalid server config {f.name}={value!r}: must be a number > 0")
-        for name in ("max_body_bytes", "max_json_depth", "max_string_chars", "max_header_bytes"):
+        for name in ("max_body_bytes", "max_json_depth", "max_string_chars", "max_header_bytes", "max_strategy_budget"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"invalid server config {name}={getattr(self, name)!r}: must be an integer")
 
@@ -58,6 +61,7 @@ LIMIT_HELP = {
     "keep_alive_timeout_s": "seconds an idle keep-alive connection stays open",
     "write_timeout_s": "seconds a client may stop reading a response before it is disconnected",
     "max_header_bytes": "largest request line + headers in bytes (400 after)",
+    "max_strategy_budget": "largest `budget` of a strategy request (its samples bypass --max-num-seqs); larger is 400",
 }
 """`mixserve serve` flags: `--max-body-bytes` ... (a `_s` suffix is dropped: `--body-timeout`)."""
 

@@ -41,6 +41,11 @@ def build_strategy(state: ServerState, body: Any, prompt: Prompt, params: Sampli
            strategy_id: str) -> Any:
     extractor = getattr(body, "extractor", None)
     reference = getattr(body, "reference", None)
+    limits = getattr(state, "request_limits", None)  # None: a cluster replica rebuilding a validated spec
+    cap = limits.max_strategy_budget if limits is not None else None
+    if cap is not None and isinstance(body.budget, int) and body.budget > cap:
+        raise ApiError(400, f"invalid field budget: budget={body.budget} exceeds this server's "
+                       f"max_strategy_budget={cap} (mixserve serve --max-strategy-budget)", param="budget")
     try:
         extract = get_extractor(extractor)
         verifier: Any = body.verifier

@@ -34,10 +34,13 @@ def test_strategy_errors_name_the_field(server: Server) -> None:
                          ({"strategy": "bon", "budget": 2, "verifier": "astrology"}, "verifier"),
                          ({"strategy": "majority", "extractor": "roman"}, "extractor"),
                          ({"strategy": "bon", "verifier": "task"}, "reference"),
-                         ({"strategy": "majority", "stream": True, "budget": 2000}, "budget")):
+                         ({"strategy": "majority", "stream": True, "budget": 2000}, "budget"),
+                         ({"strategy": "majority", "budget": 300}, "budget")):
         resp = httpx.post(url, json={"messages": QUESTION, "max_tokens": 4, **extra}, timeout=60)
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] == param, resp.text
+        if extra.get("budget") == 300:  # within the strategies' own range, above the server's cap
+            assert "max_strategy_budget=256" in resp.json()["error"]["message"]
 
 
 def test_streamed_strategy_progress_through_the_official_client(server: Server) -> None:
