@@ -155,18 +155,19 @@ class TorchModelRunner:
             for p in range(seq.start_pos, seq.start_pos + seq.num_tokens):
                 pos.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
+        slot_mapping = torch.tensor(slots, dtype=torch.long)
+        if self.batch_invariant:  # one per-query view instead of the attention groups
+            meta = AttentionMetadata(query_lens=[s.num_tokens for s in seqs],
+                                     seq_lens=[s.start_pos + s.num_tokens for s in seqs],
+                                     slot_mapping=slot_mapping, kv_slots=None, q_index=None,
+                                     view=invariant_view(seqs, bs))
+            return torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta
         num_decode = sum(1 for s in seqs if s.num_tokens == 1)
         groups = []
         if num_decode:
             groups.append(build_group(seqs[:num_decode], bs))
         groups.extend(build_group([s], bs) for s in seqs[num_decode:])
-        slot_mapping = torch.tensor(slots, dtype=torch.long)
-        if self.batch_invariant:
-            meta = AttentionMetadata(query_lens=[s.num_tokens for s in seqs],
-                                     seq_lens=[s.start_pos + s.num_tokens for s in seqs],
-                                     slot_mapping=slot_mapping, kv_slots=None, q_index=None,
-                                     view=invariant_view(seqs, bs))
-        elif len(groups) == 1:
+        if len(groups) == 1:
             meta = groups[0]
             meta.slot_mapping = slot_mapping
         else:
