@@ -18,6 +18,7 @@ fresh child process:
   (c) ondemand  read experts from the pack on every use, no cache, no prediction
   (d) lru       budgeted cache, LRU
   (d') lookahead budgeted cache, LFRU + next-layer prefetch (affinity on synthetic routes, router on real)
+  (d'') gate     as lookahead, with the learned 1-layer-ahead gates (aheadgate.safetensors; --model only)
   (e) ours      as lookahead, but with the model's pre-gating router (moefy's pregate.safetensors) when
                 it has one: every layer's experts fetched at the first MoE layer
 (b)-(e) run inside a cgroup v1 memory limit of budget + non-expert bytes + --overhead-mib (page cache
@@ -54,7 +55,7 @@ from mixserve.loading.tokenizer import load_tokenizer  # noqa: E402
 
 QUICK = MoeShape(num_hidden_layers=4, hidden_size=256, intermediate_size=128, num_experts=64,
                  num_experts_per_tok=8, num_attention_heads=4, vocab_size=1024)
-MODES = ("ram", "mmap", "ondemand", "lru", "lookahead", "ours")
+MODES = ("ram", "mmap", "ondemand", "lru", "lookahead", "gate", "ours")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,8 +121,9 @@ def fused_bf16_experts(model: Path, out: Path, shape: MoeShape) -> Path:
         fused[f"{p}.down_proj"] = torch.stack([src[f"{p}.{i}.down_proj.weight"] for i in e])
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in fused.items()}, str(out / "model.safetensors"))
     index.write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in fused}}))
-    if (model / "pregate.safetensors").is_file():
-        shutil.copy(model / "pregate.safetensors", out / "pregate.safetensors")
+    for name in ("pregate.safetensors", "aheadgate.safetensors"):
+        if (model / name).is_file():
+            shutil.copy(model / name, out / name)
     return out
 
 
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt, plan = text_prompts(args.model, base["prefill_tokens"])  # type: ignore[arg-type]
         base.update(prompt_ids=prompt, plan_prompt_ids=plan, plan_trace=str(pack.parent / "plan_trace.npz"))
     modes = args.modes.split(",")
+    if args.model is None or not (args.model / "aheadgate.safetensors").is_file():
+        modes = [m for m in modes if m != "gate"]  # needs the fitted gate of a real MoE folder
     rows = []
     for trace in traces:
         if "ram" in modes:

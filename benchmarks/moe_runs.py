@@ -8,6 +8,8 @@ the expert provider of `spec["mode"]`:
   ondemand  read on every use, nothing kept, no prediction
   lru       BudgetedExpertProvider, LRU, no prediction
   lookahead as ours, with the layer-ahead router lookahead even where a pre-gate exists (comparison)
+  gate      as ours, with the learned d-layer-ahead gates (`aheadgate.safetensors`, written by moefy /
+            refit-pregate) at their calibrated per-layer widths (real routing only)
   ours      BudgetedExpertProvider, LFRU + prefetch from the pre-gating router when the model has one
             (`pregate.safetensors`, written by moefy: all layers at once), else next-layer prefetch
             (router on real routing, affinity on synthetic routing, where the router cannot see the
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from moe_baselines import MmapExpertProvider, OnDemandProvider
 
+from mixserve.experts.aheadgate import AHEADGATE_FILE, AheadGate
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.capacity import plan_capacity_from_trace
 from mixserve.experts.predict import AffinityPredictor, RouterLookahead
@@ -65,7 +68,7 @@ def _provider(spec: dict[str, Any], store: ExpertStore) -> Any:
     if mode == "ondemand":
         return OnDemandProvider(store, spec["budget_bytes"], DTYPE, spec["io_threads"])
     capacity = None
-    if mode in ("ours", "lookahead") and spec.get("plan_trace") and Path(spec["plan_trace"]).is_file():
+    if mode in ("ours", "lookahead", "gate") and spec.get("plan_trace") and Path(spec["plan_trace"]).is_file():
         slot = BudgetedExpertProvider.slot_sizes(store, DTYPE)
         capacity = plan_capacity_from_trace(RoutingTrace.load(spec["plan_trace"]), store.layer_ids,
                                             store.num_experts, slot, spec["budget_bytes"])
@@ -83,10 +86,14 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any, ExpertStore]:
     model.set_expert_provider(provider)
     model = model.to(DTYPE)
     model.load_weights((n, t.to(DTYPE)) for n, t in source.iter_tensors())
-    if spec["mode"] in ("ours", "lookahead") and isinstance(provider, BudgetedExpertProvider):
+    if spec["mode"] in ("ours", "lookahead", "gate") and isinstance(provider, BudgetedExpertProvider):
         top_k = int(cfg["num_experts_per_tok"])
         pregate = Path(spec["checkpoint"]) / PREGATE_FILE
-        if spec["mode"] == "ours" and spec["trace"] == "real" and pregate.is_file():
+        if spec["mode"] == "gate":
+            if spec["trace"] != "real" or not (Path(spec["checkpoint"]) / AHEADGATE_FILE).is_file():
+                raise ValueError("mode 'gate' needs real routing and the model's aheadgate.safetensors")
+            provider.predictor = AheadGate.load(spec["checkpoint"])
+        elif spec["mode"] == "ours" and spec["trace"] == "real" and pregate.is_file():
             provider.step_predictor = PreGate.load(pregate.parent, 2 * top_k)  # top-2k: ~97% recall
         else:
             provider.predictor = (AffinityPredictor(store.layer_ids, store.num_experts, top_k)

@@ -161,7 +161,7 @@ class ExpertBudget:
 
 
 EvictionPolicyName = Literal["lru", "lfu", "lfru"]
-PrefetchName = Literal["none", "router", "affinity"]
+PrefetchName = Literal["none", "router", "affinity", "gate", "pregate"]
 
 
 @dataclass(frozen=True)
@@ -174,10 +174,14 @@ class ExpertConfig:
     policy: EvictionPolicyName = "lfru"
     """Which resident expert a full layer cache evicts: lru, lfu or lfru (frequency with recency decay)."""
     prefetch: PrefetchName = "router"
-    """Next-layer prediction: router (layer L+1's router on layer L's hidden state), affinity (online
-    layer-to-layer expert co-occurrence counts), or none (load on demand only)."""
+    """Which experts to read ahead: router (layer L+1's router on layer L's hidden state), affinity (online
+    layer-to-layer expert co-occurrence counts), gate (the learned d-layer-ahead gates in the model's
+    `aheadgate.safetensors`: best recall), pregate (the pre-gating router in `pregate.safetensors`: every
+    layer's experts at the first MoE layer), or none (load on demand only). gate and pregate are written by
+    `mixserve moefy` / `mixserve refit-pregate`."""
     prefetch_top_m: int | None = None
-    """Experts per token predicted and prefetched for the next layer; None: the model's top-k."""
+    """Experts per token predicted and prefetched; None: the model's top-k (router, affinity) or the
+    per-layer widths stored with the gate (gate, pregate)."""
     io_threads: int = 2
     """Background threads reading experts from the store."""
     direct_io: bool = False
@@ -191,8 +195,8 @@ class ExpertConfig:
         if self.memory_budget is not None:
             ExpertBudget.parse(self.memory_budget, "experts.memory_budget")
         _require(self.policy in ("lru", "lfu", "lfru"), "experts.policy", self.policy, "lru, lfu or lfru")
-        _require(self.prefetch in ("none", "router", "affinity"), "experts.prefetch", self.prefetch,
-                 "none, router or affinity")
+        _require(self.prefetch in ("none", "router", "affinity", "gate", "pregate"), "experts.prefetch",
+                 self.prefetch, "none, router, affinity, gate or pregate")
         _require(self.prefetch_top_m is None or self.prefetch_top_m >= 1, "experts.prefetch_top_m",
                  self.prefetch_top_m, "must be >= 1")
         _require(self.io_threads >= 1, "experts.io_threads", self.io_threads, "must be >= 1")

@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--calibration", nargs="+", default=[], metavar="FILE",
                    help="text files to record routing on (default: the standard-library docstring set)")
     r.add_argument("--calibration-tokens", type=int, default=16384, help="tokens recorded (default: %(default)s)")
+    r.add_argument("--ahead", type=int, default=1, metavar="D",
+                   help="also fit the D-layer-ahead gates (aheadgate.safetensors; `--expert-prefetch gate`); "
+                        "0: none (default: %(default)s)")
     r.add_argument("--threads", type=int, default=None, help="torch threads")
     r.add_argument("--seed", type=int, default=0)
     r.set_defaults(func=cmd_refit)
@@ -74,11 +77,17 @@ def cmd_refit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = RefitConfig(model=args.model, kind=args.kind, target_recall=args.target_recall,
                          calibration_files=tuple(args.calibration), max_calibration_tokens=args.calibration_tokens,
-                         seed=args.seed)
+                         seed=args.seed, ahead=args.ahead)
     report = refit_pregate(config)
     n = len(report.top_m)
-    print(json.dumps({"model": report.model, "kind": report.kind, "num_tokens": report.num_tokens,
-                      "top_m": report.top_m, "mean_recall_top_k": round(sum(report.recall_top_k) / n, 4),
-                      "mean_recall": round(sum(report.recall) / n, 4)}))
+    out = {"model": report.model, "kind": report.kind, "num_tokens": report.num_tokens,
+           "top_m": report.top_m, "mean_recall_top_k": round(sum(report.recall_top_k) / n, 4),
+           "mean_recall": round(sum(report.recall) / n, 4)}
+    if report.ahead:
+        a = len(report.ahead_top_m)
+        out.update(ahead=report.ahead, ahead_top_m=report.ahead_top_m,
+                   ahead_mean_recall_2k=round(sum(report.ahead_recall_2k) / a, 4),
+                   ahead_mean_recall=round(sum(report.ahead_recall) / a, 4))
+    print(json.dumps(out))
     print(f"[refit-pregate] wrote {args.model}/pregate.safetensors (details in pregate.json)", file=sys.stderr)
     return 0

@@ -31,6 +31,8 @@ DtypeChooser = Callable[[int, int, torch.dtype], ExpertDtype]
 """(layer_idx, expert_id, stored dtype) -> the encoding of that expert."""
 _STORED = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _SKIP_COPY = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+_PREDICTOR_FILES = ("pregate.safetensors", "aheadgate.safetensors")
+"""Fitted expert predictors travel with the pack (`--expert-prefetch pregate|gate` read them there)."""
 
 
 def dtype_plan(default: str = "auto", overrides: dict[str, str] | None = None) -> DtypeChooser:
@@ -155,8 +157,8 @@ def _copy_side_files(src: Path, out: Path, cfg: dict[str, Any]) -> None:
     """config.json, tokenizer and generation files of an HF folder (a GGUF source: config.json only)."""
     if src.is_dir():
         for f in src.iterdir():
-            if (f.is_file() and not f.name.endswith(_SKIP_COPY) and not f.name.endswith(".index.json")
-                    and f.name != MANIFEST):
+            keep = f.name in _PREDICTOR_FILES or not f.name.endswith(_SKIP_COPY)
+            if f.is_file() and keep and not f.name.endswith(".index.json") and f.name != MANIFEST:
                 shutil.copyfile(f, out / f.name)
     else:
         (out / "config.json").write_text(json.dumps(cfg, indent=1))

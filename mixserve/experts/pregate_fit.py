@@ -11,7 +11,9 @@ the moefied model's real routing. Here the MoE model itself runs over the calibr
 - `fit_linear` (closed-form ridge, `pregate.fit_pregate`) or `fit_mlp` (one GELU hidden layer, Adam on a
   multi-label loss, seeded, CPU) fit the scorer on a split of the windows; `calibrate_top_m` picks per
   layer the smallest m whose recall on the other windows reaches `target_recall`.
-- `refit_pregate(folder)` does all of it for a written MoE folder and rewrites `pregate.safetensors`.
+- `fit_ahead_gate` fits the d-layer-ahead gates (`aheadgate.py`) on every layer's recorded input.
+- `refit_pregate(folder)` does all of it for a written MoE folder and rewrites `pregate.safetensors`
+  (and, with `ahead` > 0, `aheadgate.safetensors`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mixserve.experts.aheadgate import AheadGate
 from mixserve.experts.moefy_calib import calibration_text, forward_logits, token_windows
 from mixserve.experts.pregate import PreGate, fit_pregate, token_recall
 from mixserve.layers.moe import moe_layers
@@ -123,6 +126,24 @@ def fit_mlp(rec: RouteRecord, num_experts: int, top_m: int | Sequence[int], hidd
     return PreGate(None, list(range(num_layers)), top_m, mlp=mlp, num_experts=num_experts)
 
 
+def fit_ahead_gate(rec: RouteRecord, num_experts: int, distance: int, top_m: int | Sequence[int],
+                   layer_ids: Sequence[int] | None = None, ridge: float = 1e-2) -> AheadGate:
+    """Ridge from MoE layer i's input (`rec.inputs`, recorded with `keep_inputs`) onto layer i+d's routing."""
+    if not rec.inputs:
+        raise ValueError("fit_ahead_gate needs every layer's input: record_routes(..., keep_inputs=True)")
+    n = len(rec.routes)
+    weight = torch.stack([fit_pregate(rec.inputs[i], [rec.routes[i + distance]], num_experts, ridge)[0]
+                          for i in range(n - distance)])
+    return AheadGate(weight, list(layer_ids) if layer_ids is not None else list(range(n)), distance, top_m)
+
+
+def ahead_scores(gate: AheadGate, rec: RouteRecord) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(`[num_layers - d, num_tokens, num_experts]` scores, the routes they predict) on `rec`."""
+    d = gate.distance
+    scores = torch.stack([gate.scores(rec.inputs[i], i) for i in range(len(rec.routes) - d)])
+    return scores, rec.routes[d:]
+
+
 def write_dense_pregate(x0: torch.Tensor, routes: list[torch.Tensor], num_experts: int, top_k: int,
                         out: Path) -> tuple[list[float], list[float]]:
     """`moefy --pregate-from dense`: fit on the routes `moefy` computed from the dense model's states,
@@ -162,6 +183,10 @@ class RefitConfig:
     holdout: float = 0.2
     """Share of the calibration windows held back to calibrate top-m (and report recall on)."""
     seed: int = 0
+    ahead: int = 1
+    """Also fit the d-layer-ahead gates (`aheadgate.safetensors`) at this distance d; 0: none. Keeps every
+    layer's input while recording (num_layers x tokens x hidden_size floats: 1.1 GB for SmolLM2-135M at
+    16384 tokens)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "mlp"):
@@ -172,6 +197,8 @@ class RefitConfig:
             raise ValueError(f"--holdout={self.holdout} must be in (0, 1)")
         if self.max_calibration_tokens < 2 or self.window < 2:
             raise ValueError("max_calibration_tokens and window must be at least 2")
+        if self.ahead < 0:
+            raise ValueError(f"--ahead={self.ahead} must be >= 0 (0: no ahead gate)")
 
 
 @dataclass
@@ -187,6 +214,14 @@ class RefitReport:
     """The same with top-2K."""
     recall: list[float] = field(default_factory=list)
     """The same at the calibrated top-m."""
+    ahead: int = 0
+    """Distance of the ahead gate written (0: none)."""
+    ahead_top_m: list[int] = field(default_factory=list)
+    """Per target layer (MoE layers d.. in order): the ahead gate's calibrated width."""
+    ahead_recall_2k: list[float] = field(default_factory=list)
+    """Per target layer, held-back windows: recall of the ahead gate's top-2K."""
+    ahead_recall: list[float] = field(default_factory=list)
+    """The same at its calibrated widths."""
 
 
 def load_moe(folder: str | Path) -> tuple[Any, Any]:
@@ -224,7 +259,11 @@ def refit_pregate(config: RefitConfig, model: Any = None, tokenizer: Any = None)
     windows = token_windows(encoded, config.window, config.max_calibration_tokens)
     if len(windows) < 5:  # too little text for whole held-back windows at this size: cut it finer
         windows = token_windows(encoded, max(2, -(-sum(map(len, windows)) // 5)), config.max_calibration_tokens)
-    rec = record_routes(model, windows)
+    layers = moe_layers(model)
+    if config.ahead >= len(layers):
+        raise ValueError(f"--ahead={config.ahead}: the model has {len(layers)} MoE layers; the distance must be "
+                         f"smaller")
+    rec = record_routes(model, windows, keep_inputs=config.ahead > 0)
     fit_idx, back_idx = split_windows(len(windows), config.holdout)
     gate = fit_on(rec.select(fit_idx), config.kind, num_experts, top_k, config.seed)
     back = rec.select(back_idx)
@@ -236,6 +275,16 @@ def refit_pregate(config: RefitConfig, model: Any = None, tokenizer: Any = None)
                          token_recall(scores, back.routes, top_k),
                          token_recall(scores, back.routes, min(2 * top_k, num_experts)),
                          token_recall(scores, back.routes, top_m))
+    if config.ahead:
+        ahead = fit_ahead_gate(rec.select(fit_idx), num_experts, config.ahead, top_k,
+                               [m.layer_idx for m in layers])
+        a_scores, a_routes = ahead_scores(ahead, back)
+        a_top_m = calibrate_top_m(a_scores, a_routes, config.target_recall)
+        ahead = AheadGate(ahead.weight, ahead.layer_ids, ahead.distance, a_top_m)
+        ahead.save(config.model)
+        report.ahead, report.ahead_top_m = config.ahead, a_top_m
+        report.ahead_recall_2k = token_recall(a_scores, a_routes, min(2 * top_k, num_experts))
+        report.ahead_recall = token_recall(a_scores, a_routes, a_top_m)
     path = Path(config.model) / "pregate.json"
     path.write_text(json.dumps({"config": asdict(config), "calibration": {"source": cal.source, "sha256": cal.sha256},
                                 "report": asdict(report)}, indent=2))

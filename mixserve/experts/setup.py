@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from mixserve.config import ExpertConfig
+from mixserve.experts.aheadgate import AHEADGATE_FILE, AheadGate
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.pack import write_pack
 from mixserve.experts.predict import AffinityPredictor, ExpertPredictor, RouterLookahead
+from mixserve.experts.pregate import PREGATE_FILE, PreGate
 from mixserve.experts.provider import InMemoryExpertProvider
 from mixserve.experts.store import MANIFEST, ExpertStore, PackError
 from mixserve.layers.expert_slot import ExpertSlot
@@ -89,6 +91,7 @@ def expert_slot(model: nn.Module) -> ExpertSlot:
 
 
 def make_predictor(model: nn.Module, config: ExpertConfig, num_experts: int) -> ExpertPredictor | None:
+    """The per-layer predictor of `config.prefetch` (router, affinity); None for the others."""
     layers = moe_layers(model)
     top_m = config.prefetch_top_m or layers[0].top_k
     if config.prefetch == "router":
@@ -96,6 +99,41 @@ def make_predictor(model: nn.Module, config: ExpertConfig, num_experts: int) -> 
     if config.prefetch == "affinity":
         return AffinityPredictor([m.layer_idx for m in layers], num_experts, top_m)
     return None
+
+
+def predictor_file(pack: Path, name: str) -> Path:
+    """Where a fitted predictor file lives: the pack (copied there by `write_pack`), else the checkpoint
+    the pack was made from; a PackError naming both and the command that writes it when neither has it."""
+    candidates = [pack / name]
+    source = json.loads((pack / MANIFEST).read_text()).get("source")
+    if isinstance(source, str):
+        candidates.append(Path(source) / name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise PackError(f"--expert-prefetch needs {name}, found in neither {' nor '.join(map(str, candidates))}; "
+                    f"`mixserve refit-pregate MODEL` (or `mixserve moefy`) writes it")
+
+
+def attach_gate(provider: BudgetedExpertProvider, model: nn.Module, config: ExpertConfig, pack: Path) -> None:
+    """`--expert-prefetch gate|pregate`: load the fitted predictor and give it to the provider. Its layer
+    positions map onto the model's MoE layers in order (a model with dense layers keeps them apart)."""
+    layer_ids = [m.layer_idx for m in moe_layers(model)]
+    if config.prefetch == "pregate":
+        path = predictor_file(pack, PREGATE_FILE)
+        gate = PreGate.load(path.parent, config.prefetch_top_m)
+        if len(gate.layer_ids) != len(layer_ids) or gate.num_experts != provider.num_experts:
+            raise PackError(f"{path}: predicts {len(gate.layer_ids)} layers x {gate.num_experts} experts, the "
+                            f"model has {len(layer_ids)} MoE layers x {provider.num_experts} experts")
+        gate.layer_ids = layer_ids
+        provider.step_predictor = gate
+    elif config.prefetch == "gate":
+        path = predictor_file(pack, AHEADGATE_FILE)
+        ahead = AheadGate.load(path.parent, config.prefetch_top_m)
+        if len(ahead.layer_ids) != len(layer_ids) or ahead.num_experts != provider.num_experts:
+            raise PackError(f"{path}: predicts {len(ahead.layer_ids)} layers x {ahead.num_experts} experts, the "
+                            f"model has {len(layer_ids)} MoE layers x {provider.num_experts} experts")
+        provider.predictor = AheadGate(ahead.weight, layer_ids, ahead.distance, ahead.top_m)
 
 
 def _check_matches(store: ExpertStore, mem: InMemoryExpertProvider) -> None:
@@ -136,6 +174,7 @@ def build_from_pack(hf_config: dict[str, Any], pack: Path, config: ExpertConfig,
     slot.set_provider(provider)  # drops the (never touched) in-memory stacks
     model = model.to(dtype)
     provider.predictor = make_predictor(model, config, store.num_experts)
+    attach_gate(provider, model, config, pack)
     return model, provider
 
 
