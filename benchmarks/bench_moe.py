@@ -3,6 +3,12 @@
     .venv/bin/python benchmarks/bench_moe.py --quick        # small model (4 layers, hidden 256): a minute
     .venv/bin/python benchmarks/bench_moe.py                # OLMoE shape: 16 layers, 64 experts, top-8, bf16
     .venv/bin/python benchmarks/bench_moe.py --model DIR    # a real MoE folder (e.g. `mixserve moefy` output)
+    .venv/bin/python benchmarks/bench_moe.py --num-layers 8 --replay DIR   # OLMoE shape, real routing replayed
+
+With --replay DIR (written by `record_real_trace.py` from a moefied real model with the OLMoE shape's E
+and top-k), the OLMoE-shaped model's MoE layers take the recorded routing of the real model's first
+layers ("replay" trace), lookahead/gate/ours replay the real model's recorded predictions, and per-layer
+capacity is planned from the recording of a different prompt (DIR/plan_trace.npz).
 
 With --model, the experts are packed as bf16, the routing is the model's own ("real" trace) on real
 text: the prompt is held-out standard-library docstrings (moefy_calib.HELD_OUT_MODULES), and the ram run
@@ -66,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--budgets", default=None, help="fractions of expert bytes (default 0.1,0.25,0.5,1.0; "
                                                     "--quick: 0.25,0.5)")
-    p.add_argument("--traces", default=None, help="zipf,real (default; --model: real)")
+    p.add_argument("--traces", default=None, help="zipf,real (default; --model: real; --replay: replay)")
+    p.add_argument("--replay", type=Path, default=None,
+                   help="folder from record_real_trace.py: replay its routing and predictions")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prefill-tokens", type=int, default=None)
     p.add_argument("--decode-tokens", type=int, default=None)
@@ -164,6 +172,23 @@ def simulate_policies(args: argparse.Namespace, shape: MoeShape, store: ExpertSt
     return out
 
 
+def replay_setup(args: argparse.Namespace, shape: MoeShape, base: dict[str, Any]) -> dict[str, Any]:
+    """Check the recording fits this run (E, top-k, layers, token counts); the spec fields it sets."""
+    meta = json.loads((args.replay / "meta.json").read_text())
+    want = {"num_experts": shape.num_experts, "top_k": shape.num_experts_per_tok}
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise SystemExit(f"{args.replay / 'meta.json'}: {key}={meta.get(key)}, the model has {value}")
+    if meta["num_layers"] < shape.num_hidden_layers:
+        raise SystemExit(f"{args.replay}: {meta['num_layers']} recorded layers < the model's {shape.num_hidden_layers}")
+    if base["prefill_tokens"] != meta["prompt_tokens"] or \
+            base["warmup_tokens"] + base["decode_tokens"] > meta["decode_tokens"]:
+        raise SystemExit(f"{args.replay}: recorded {meta['prompt_tokens']} prompt + {meta['decode_tokens']} decode "
+                         f"tokens; pass --prefill-tokens {meta['prompt_tokens']} and --warmup-tokens + "
+                         f"--decode-tokens <= {meta['decode_tokens']}")
+    return {"replay": str(args.replay), "plan_trace": str(args.replay / "plan_trace.npz")}
+
+
 def child_cmd(spec: dict[str, Any]) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
 
@@ -194,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     store = ExpertStore(pack, verify_checksums=False)
     expert_bytes = store.total_nbytes()
     dense_bytes = (pack / "model.safetensors").stat().st_size
-    traces = (args.traces or ("real" if args.model else "zipf,real")).split(",")
+    traces = (args.traces or ("real" if args.model else "replay" if args.replay else "zipf,real")).split(",")
     budgets = [float(b) for b in (args.budgets or ("0.25,0.5" if args.quick else "0.1,0.25,0.5,1.0")).split(",")]
     overhead = (args.overhead_mib or (384 if args.quick else 1024)) << 20
     base = dict(checkpoint=str(checkpoint), pack=str(pack), threads=args.threads, io_threads=args.io_threads,
@@ -206,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:
         prompt, plan = text_prompts(args.model, base["prefill_tokens"])  # type: ignore[arg-type]
         base.update(prompt_ids=prompt, plan_prompt_ids=plan, plan_trace=str(pack.parent / "plan_trace.npz"))
+    if args.replay is not None:
+        base.update(replay_setup(args, shape, base))
     modes = args.modes.split(",")
-    if args.model is None or not (args.model / "aheadgate.safetensors").is_file():
+    has_gate = args.replay is not None or (args.model is not None and (args.model / "aheadgate.safetensors").is_file())
+    if not has_gate:
         modes = [m for m in modes if m != "gate"]  # needs the fitted gate of a real MoE folder
     rows = []
     for trace in traces:
@@ -227,10 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             "overhead_bytes": overhead, "model": str(args.model) if args.model else None,
             **{k: v for k, v in base.items() if k not in ("checkpoint", "pack", "prompt_ids", "plan_prompt_ids")}}
     result = {"meta": meta, "rows": rows, "policy_simulation": sim,
-              "targets": targets(rows, "real" if args.model else "zipf")}
+              "targets": targets(rows, "real" if args.model else traces[0])}
     print_report(result)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     kind = args.model.name.replace(".", "p") if args.model else ("quick" if args.quick else "full")
+    kind += "_replay" if args.replay else ""
     out = HERE / "results" / f"moe_{kind}_{stamp}"
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=lambda x: None))

@@ -18,7 +18,10 @@ the expert provider of `spec["mode"]`:
 then prefills `prefill_tokens` ids (`spec["prompt_ids"]`: real text; else random ids) in one forward
 pass and decodes greedily, timing both.
 With `trace == "zipf"` routing comes from `SyntheticRouting` (same seed in every run: identical
-routes across modes) through the replay seam. Returns one JSON-able dict.
+routes across modes) through the replay seam; with `trace == "replay"` from a real model's recorded
+routing (`record_real_trace.py`: the first layers of a moefied real model of the same E and top-k), and
+lookahead/gate/ours then replay that model's recorded predictions (`ReplayedPredictor`): the random
+model's own hidden states carry nothing to predict from. Returns one JSON-able dict.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ from mixserve.experts.aheadgate import AHEADGATE_FILE, AheadGate
 from mixserve.experts.budgeted import BudgetedExpertProvider
 from mixserve.experts.capacity import plan_capacity_from_trace
 from mixserve.experts.predict import AffinityPredictor, RouterLookahead
+from mixserve.experts.prediction_trace import ReplayedPredictor, load_predictions
 from mixserve.experts.pregate import PREGATE_FILE, PreGate
 from mixserve.experts.setup import moe_routers, total_expert_nbytes
 from mixserve.experts.store import ExpertStore
 from mixserve.experts.synthetic import SyntheticRouting, SyntheticRoutingConfig
-from mixserve.experts.trace import RoutingTrace
+from mixserve.experts.trace import RoutingTrace, TraceReplay, TraceStep
 from mixserve.layers.attention import AttentionMetadata, KVCache
 from mixserve.layers.moe import set_route_source
 from mixserve.loading.checkpoint import open_weights
@@ -76,6 +80,30 @@ def _provider(spec: dict[str, Any], store: ExpertStore) -> Any:
                                   io_threads=spec["io_threads"], capacity=capacity)
 
 
+def first_layers(trace: RoutingTrace, layer_ids: list[int]) -> RoutingTrace:
+    """The routing of `layer_ids` only (a model with fewer layers replaying the first ones)."""
+    out = RoutingTrace()
+    keep = set(layer_ids)
+    for s in trace.steps:
+        out.steps.append(TraceStep(s.positions, s.query_lens, {k: v for k, v in s.topk_ids.items() if k in keep},
+                                   {k: v for k, v in s.topk_weights.items() if k in keep}))
+    return out
+
+
+def _replay(spec: dict[str, Any], model: Any, provider: Any, store: ExpertStore) -> None:
+    """Routes and (for the predicting modes) predictions from the recorded real run."""
+    folder = Path(spec["replay"])
+    set_route_source(model, TraceReplay(first_layers(RoutingTrace.load(folder / "trace.npz"), store.layer_ids)))
+    if isinstance(provider, BudgetedExpertProvider) and spec["mode"] in ("lookahead", "gate", "ours"):
+        name = {"lookahead": "lookahead", "gate": "gate", "ours": "pregate"}[spec["mode"]]
+        replayed = ReplayedPredictor(load_predictions(folder / "predictions.json")[name].restrict(store.layer_ids),
+                                     store.layer_ids)
+        if spec["mode"] == "ours":
+            provider.step_predictor = replayed
+        else:
+            provider.predictor = replayed
+
+
 def _build(spec: dict[str, Any]) -> tuple[Any, Any, ExpertStore]:
     pack = Path(spec["pack"])
     cfg, source = open_weights(pack)
@@ -86,7 +114,9 @@ def _build(spec: dict[str, Any]) -> tuple[Any, Any, ExpertStore]:
     model.set_expert_provider(provider)
     model = model.to(DTYPE)
     model.load_weights((n, t.to(DTYPE)) for n, t in source.iter_tensors())
-    if spec["mode"] in ("ours", "lookahead", "gate") and isinstance(provider, BudgetedExpertProvider):
+    if spec["trace"] == "replay":
+        _replay(spec, model, provider, store)
+    elif spec["mode"] in ("ours", "lookahead", "gate") and isinstance(provider, BudgetedExpertProvider):
         top_k = int(cfg["num_experts_per_tok"])
         pregate = Path(spec["checkpoint"]) / PREGATE_FILE
         if spec["mode"] == "gate":

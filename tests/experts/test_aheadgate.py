@@ -116,3 +116,27 @@ def test_engine_prefetch_gate_missing(moe: Path, tmp_path: Path) -> None:
     with pytest.raises(PackError, match="needs aheadgate.safetensors.*refit-pregate"):
         LLM(str(bare), cache_dir=tmp_path, kv_cache_bytes=1 << 22, expert_memory_budget="50%",
             expert_prefetch="gate")
+
+
+def test_prediction_trace_replays_per_layer_and_all_at_once(tmp_path: Path) -> None:
+    from mixserve.experts.prediction_trace import (
+        PredictionTrace,
+        ReplayedPredictor,
+        load_predictions,
+        save_predictions,
+    )
+
+    per_layer = PredictionTrace("gate", False, [{1: [3, 4], 2: [5]}, {1: [0], 2: [7, 1], 9: [2]}])
+    at_once = PredictionTrace("pregate", True, [{0: [1], 1: [2], 2: [3], 9: [4]}])
+    save_predictions([per_layer, at_once], tmp_path / "p.json")
+    loaded = load_predictions(tmp_path / "p.json")
+    assert loaded["gate"] == per_layer and loaded["pregate"] == at_once
+    x, ids = torch.zeros(1, 4), torch.zeros(1, 1, dtype=torch.long)
+    replay = ReplayedPredictor(loaded["gate"].restrict([0, 1, 2]), [0, 1, 2])
+    step0 = [replay.predict(layer, x, ids) for layer in (0, 1, 2)]
+    step1 = [replay.predict(layer, x, ids) for layer in (0, 1, 2)]
+    assert step0 == [(1, [3, 4]), (2, [5]), None] and step1 == [(1, [0]), (2, [7, 1]), None]
+    with pytest.raises(ValueError, match="step 2 asked, the trace has 2"):
+        replay.predict(0, x, ids)
+    whole = ReplayedPredictor(loaded["pregate"], [0, 1, 2])
+    assert whole.predict_step(x) == {0: [1], 1: [2], 2: [3]}  # layer 9 is not the replaying model's
