@@ -158,11 +158,20 @@ def prepare(args: argparse.Namespace) -> tuple[MoeShape, Path, Path]:
 
 def simulate_policies(args: argparse.Namespace, shape: MoeShape, store: ExpertStore,
                       budgets: list[float]) -> dict[str, dict[str, float]]:
-    """Hit rates of every policy (Belady = upper bound) on the synthetic decode trace, per budget."""
-    cfg = SyntheticRoutingConfig(tuple(store.layer_ids), shape.num_experts, shape.num_experts_per_tok,
-                                 zipf_alpha=args.zipf_alpha, stickiness=args.stickiness, affinity=args.affinity,
-                                 seed=0)
-    trace = SyntheticRouting(cfg).trace([1] * 512)
+    """Hit rates of every policy (Belady = upper bound) per budget, on the decode steps of the replayed
+    recording (--replay), else of the synthetic trace."""
+    if args.replay is not None:
+        from moe_runs import first_layers
+
+        from mixserve.experts.trace import RoutingTrace
+
+        trace = first_layers(RoutingTrace.load(args.replay / "trace.npz"), list(store.layer_ids))
+        trace.steps = trace.steps[1:]  # decode only: step 0 is the prompt
+    else:
+        cfg = SyntheticRoutingConfig(tuple(store.layer_ids), shape.num_experts, shape.num_experts_per_tok,
+                                     zipf_alpha=args.zipf_alpha, stickiness=args.stickiness,
+                                     affinity=args.affinity, seed=0)
+        trace = SyntheticRouting(cfg).trace([1] * 512)
     slot = BudgetedExpertProvider.slot_sizes(store, __import__("torch").bfloat16)
     total = sum(slot.values()) * shape.num_experts
     out = {}
@@ -251,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run_one(spec, limit, [checkpoint, pack], args.timeout_s))
                 print(json.dumps(rows[-1]), file=sys.stderr)
     sim = simulate_policies(args, shape, store, budgets)
-    meta = {"shape": shape.__dict__, "expert_bytes": expert_bytes, "dense_bytes": dense_bytes,
+    meta = {"shape": shape.__dict__, "simulated_trace": "replay" if args.replay else "synthetic",
+            "expert_bytes": expert_bytes, "dense_bytes": dense_bytes,
             "overhead_bytes": overhead, "model": str(args.model) if args.model else None,
             **{k: v for k, v in base.items() if k not in ("checkpoint", "pack", "prompt_ids", "plan_prompt_ids")}}
     result = {"meta": meta, "rows": rows, "policy_simulation": sim,

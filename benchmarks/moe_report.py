@@ -66,7 +66,8 @@ def print_report(result: dict[str, Any]) -> None:
     notes = {r["limit_note"] for r in result["rows"] if r.get("limit_bytes") and not r["limited"]}
     for note in notes:
         print(f"NOTE: memory limit NOT applied: {note}")
-    print("\nOffline policy simulation (decode, synthetic trace, per-layer capacity from the budget): hit rate")
+    print(f"\nOffline policy simulation (decode, {meta.get('simulated_trace', 'synthetic')} trace, per-layer capacity "
+          f"from the budget): hit rate")
     names = ("lru", "lfu", "lfru", "belady")
     print(f"{'budget':>6} " + " ".join(f"{n:>7}" for n in names))
     for budget, rates in result["policy_simulation"].items():
