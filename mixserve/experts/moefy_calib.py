@@ -7,8 +7,8 @@ different Python version (slightly different docstrings) is visible. `--calibrat
 
 `record_ffn` runs the dense model over the token windows with hooks on every FFN and keeps, per layer,
 the FFN input `x` (`[num_tokens, hidden_size]`) and the intermediate activation
-`h = act(gate x) * up x` (`[num_tokens, intermediate_size]`; act: silu, or tanh-gelu for gemma3), the quantities MoEfication clusters and
-the routers are fitted on.
+`h = act(gate x) * up x` (`[num_tokens, intermediate_size]`; act: silu, or tanh-gelu for gemma3), the
+quantities MoEfication clusters and the routers are fitted on.
 """
 
 from __future__ import annotations
