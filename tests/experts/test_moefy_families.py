@@ -27,8 +27,9 @@ from tests.experts.conftest import write_tokenizer
 
 VOCAB = 128
 IDS = [5, 17, 99, 3, 42, 42, 7, 120, 64, 33, 8, 91, 12]
-SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-             intermediate_size=128, initializer_range=0.1, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+SMALL: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             num_hidden_layers=2, intermediate_size=128, initializer_range=0.1, pad_token_id=0,
+                             bos_token_id=None, eos_token_id=None)
 DENSE: dict[str, Any] = {
     # sliding + full attention, a window shorter than IDS, a final softcap: every Gemma3 feature runs
     "gemma3": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
@@ -70,7 +71,7 @@ def _moefy(dense: Path, out: Path, e: int, k: int, f: float) -> Path:
 
 def _mixserve(path: Path) -> Any:
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt.hf_config, torch.float32)
+    model: Any = build_model(ckpt.hf_config, torch.float32)
     model.load_weights(ckpt.weights(dtype=torch.float32))
     return model.eval()
 
