@@ -128,7 +128,7 @@ def main() -> int:
         gen, _, _ = evaluate(model, gen_windows, None, dense_gen, args.gen_tokens, args.prompt_len)
         rep = meta["report"]
         rows.append({"model": Path(path).name, "E": cfg["num_experts"], "K": cfg["num_experts_per_tok"],
-                     "shared": cfg["shared_expert_intermediate_size"], "method": rep["method"], **res,
+                     "shared": cfg.get("shared_expert_intermediate_size", 0), "method": rep["method"], **res,
                      "greedy_prefix_agreement": gen["greedy_prefix_agreement"],
                      "router_recall": sum(rep["router_recall"]) / len(rep["router_recall"]),
                      "covered_mass": sum(rep["covered_mass"]) / len(rep["covered_mass"])})

@@ -1,18 +1,28 @@
-"""`moefy`: a dense llama-family checkpoint -> a Qwen2-MoE checkpoint with a shared expert (MoEfication).
+"""`moefy`: a dense checkpoint (llama, qwen2, qwen3 or gemma3 family; HF folder or GGUF) -> an MoE
+checkpoint with routed experts and an optional shared expert (MoEfication).
 
-Each FFN `down(silu(gate x) * up x)` is a sum over its intermediate neurons, so splitting the neurons into
+Each FFN `down(act(gate x) * up x)` is a sum over its intermediate neurons, so splitting the neurons into
 a shared group S and routed groups E_1..E_E gives exactly
     FFN(x) = FFN_S(x) + sum_e FFN_{E_e}(x).
-The MoE model keeps S always on and runs only the top-k routed groups a fitted router picks. It is
-written in the standard Qwen2-MoE layout (HF `Qwen2MoeForCausalLM`: q/k/v without bias, routed experts,
-a shared expert behind a sigmoid gate) so transformers and mixserve load the same folder. Two exact
-rescalings make that layout compute the masked sum above:
-- Qwen2-MoE scales routed outputs by the renormalised softmax weights of the chosen experts. The router
+The MoE model keeps S always on and runs only the top-k routed groups a fitted router picks. The layout
+written depends on the dense family (`LAYOUTS`):
+- llama (SwiGLU, no biases) and qwen2 (SwiGLU, q/k/v bias): the standard Qwen2-MoE layout (HF
+  `Qwen2MoeForCausalLM`, `qkv_bias` as the dense model has it: routed experts, a shared expert behind a
+  sigmoid gate), so transformers and mixserve load the same folder.
+- qwen3 (per-head q/k RMSNorm): the Qwen3-MoE layout (HF `Qwen3MoeForCausalLM`); it has no shared
+  expert, so `shared_fraction` must be 0.
+- gemma3 (GeGLU tanh-gelu MLP, four sandwich norms, `(1 + w)` RMSNorm, scaled embedding): mixserve's own
+  `Gemma3MoeForCausalLM` (`models/gemma3_moe.py`: the Gemma3 text config plus the MoE fields; GeGLU
+  experts and an ungated shared expert). transformers has no such class and cannot load that folder;
+  its parity is checked at K = E against transformers' dense `Gemma3ForCausalLM` instead (tested).
+Exact rescalings make each layout compute the masked sum above:
+- All three scale routed outputs by the renormalised softmax weights of the chosen experts. The router
   weight is the fitted regression times a small temperature `ROUTER_SPREAD / spread` (spread: the
   largest logit range on the calibration tokens), so the chosen weights are 1/K within about 1% and the
   top-k choice is unchanged (scaling preserves order); routed down projections are multiplied by K.
   With K = E every expert is always on: the router is zero, the weights are exactly 1/K.
-- The shared expert is scaled by sigmoid(x @ g): g = 0 gives 1/2, so its down projection is doubled.
+- Qwen2-MoE scales the shared expert by sigmoid(x @ g): g = 0 gives 1/2, so its down projection is
+  doubled (the Gemma3-MoE shared expert has no gate).
 
 Invariant (tested): with K = E and no shared expert the written model computes the dense function.
 """
@@ -138,26 +148,79 @@ def plan_sizes(intermediate_size: int, num_experts: int, shared_fraction: float)
     return num_shared, routed // num_experts
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one dense family's moefied model is written."""
+
+    dense: str
+    """The dense `model_type` it applies to."""
+    architecture: str
+    """`architectures[0]` of the written config.json."""
+    activation: str
+    """The dense MLP's gate activation (`hidden_act` / `hidden_activation`) the experts keep."""
+    shared_gate: bool
+    """The shared expert sits behind a sigmoid gate (written as 0: its down projection is doubled)."""
+    has_shared: bool
+    """The layout has a shared expert at all (else `shared_fraction` must be 0)."""
+    untie: bool
+    """Write an explicit LM head (same values as the embedding) instead of a tied one."""
+    transformers_loads: bool
+    """transformers has a class for the written folder."""
+
+
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout("llama", "Qwen2MoeForCausalLM", "silu", True, True, True, True),
+    "qwen2": Layout("qwen2", "Qwen2MoeForCausalLM", "silu", True, True, True, True),
+    "qwen3": Layout("qwen3", "Qwen3MoeForCausalLM", "silu", False, False, True, True),
+    "gemma3_text": Layout("gemma3_text", "Gemma3MoeForCausalLM", "gelu_pytorch_tanh", False, True, False, False),
+}
+"""Dense `model_type` -> the layout its moefied model is written in (see the module docstring)."""
+
+
 def check_dense(ckpt: Checkpoint) -> dict[str, Any]:
-    """The dense llama-family config of `ckpt`; ValueError naming the field for anything else."""
+    """The dense config of `ckpt` if moefy supports it (`LAYOUTS`); ValueError naming the field otherwise."""
     cfg = ckpt.hf_config
     moe = [k for k in _MOE_KEYS if cfg.get(k)]
     if moe:
         raise ValueError(f"{ckpt.path}: already an MoE model ({moe[0]}={cfg[moe[0]]}); moefy needs a dense one")
-    if cfg.get("model_type") != "llama":
-        raise ValueError(f"{ckpt.path}: model_type={cfg.get('model_type')!r}; moefy supports dense llama-family "
-                         f"models (SiLU-gated MLP, no biases)")
-    for key in ("attention_bias", "mlp_bias"):
+    layout = LAYOUTS.get(str(cfg.get("model_type")))
+    if layout is None:
+        raise ValueError(f"{ckpt.path}: model_type={cfg.get('model_type')!r}; moefy supports the dense families "
+                         f"{sorted(LAYOUTS)}")
+    where = f"{ckpt.path}: model_type={layout.dense}"
+    biases = ("attention_bias", "mlp_bias") if layout.dense == "llama" else ("mlp_bias",)
+    for key in biases:
         if cfg.get(key):
-            raise ValueError(f"{ckpt.path}: {key}=True has no place in the Qwen2-MoE layout")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{ckpt.path}: hidden_act={cfg.get('hidden_act')!r}; moefy needs silu")
+            raise ValueError(f"{where}: {key}=True has no place in the {layout.architecture} layout")
+    act_key = "hidden_activation" if layout.dense == "gemma3_text" else "hidden_act"
+    act = cfg.get(act_key) or cfg.get("hidden_act") or layout.activation
+    if act != layout.activation:
+        raise ValueError(f"{where}: {act_key}={act!r}; moefy needs {layout.activation!r} for this family")
+    if layout.dense in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        raise ValueError(f"{where}: use_sliding_window=True is not supported by moefy (the MoE layout places "
+                         f"the window on other layers)")
     return cfg
+
+
+def layout_of(cfg: dict[str, Any]) -> Layout:
+    """The layout of a config `check_dense` accepted."""
+    return LAYOUTS[str(cfg["model_type"])]
+
+
+def check_plan(cfg: dict[str, Any], shared_fraction: float) -> None:
+    """ValueError if the family's layout cannot hold the requested shared expert."""
+    layout = layout_of(cfg)
+    if shared_fraction and not layout.has_shared:
+        raise ValueError(f"--shared-fraction={shared_fraction}: the {layout.architecture} layout (dense "
+                         f"model_type={layout.dense}) has no shared expert; use 0")
 
 
 def moe_config(cfg: dict[str, Any], num_experts: int, top_k: int, num_shared: int, expert_size: int
                ) -> dict[str, Any]:
-    """The Qwen2-MoE config.json of the moefied model."""
+    """The config.json of the moefied model, in the layout of its dense family (`LAYOUTS`)."""
+    layout = layout_of(cfg)
+    if layout.dense == "gemma3_text":
+        return _gemma3_moe_config(cfg, num_experts, top_k, num_shared, expert_size)
     theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     rope_parameters = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": theta}
     out = {
@@ -178,7 +241,27 @@ def moe_config(cfg: dict[str, Any], num_experts: int, top_k: int, num_shared: in
     }
     if cfg.get("rope_scaling"):
         out["rope_scaling"] = cfg["rope_scaling"]
+    if layout.dense == "qwen2":
+        out["qkv_bias"] = True  # HF Qwen2 always has q/k/v biases
+    if layout.dense == "qwen3":
+        for key in ("shared_expert_intermediate_size", "qkv_bias"):
+            del out[key]
+        out.update({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                    "attention_bias": bool(cfg.get("attention_bias", False))})
     return out
+
+
+def _gemma3_moe_config(cfg: dict[str, Any], num_experts: int, top_k: int, num_shared: int, expert_size: int
+                       ) -> dict[str, Any]:
+    """mixserve's Gemma3-MoE config (`models/gemma3_moe.py`): the dense Gemma3 text config, every field
+    kept (RoPE tables, layer types, softcaps, tied head), plus the MoE fields."""
+    drop = ("architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "auto_map")
+    out = {k: v for k, v in cfg.items() if k not in drop}
+    return {"architectures": ["Gemma3MoeForCausalLM"], "model_type": "gemma3_moe_text", **out,
+            "hidden_activation": "gelu_pytorch_tanh", "num_experts": num_experts, "num_experts_per_tok": top_k,
+            "moe_intermediate_size": expert_size, "shared_expert_intermediate_size": num_shared,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "dtype": "float32",
+            "_note": "mixserve's own layout (mixserve/models/gemma3_moe.py); transformers has no class for it"}
 
 
 @dataclass
@@ -200,7 +283,8 @@ def calibrate(config: MoefyConfig, progress: bool = True) -> Calibrated:
     """Load the dense model named by `config` and record its FFNs on the calibration text."""
     ckpt = load_checkpoint(resolve_model(config.model, config.cache_dir, progress=progress))
     cfg = check_dense(ckpt)
-    plan_sizes(int(cfg["intermediate_size"]), config.num_experts, config.shared_fraction)  # fail early
+    check_plan(cfg, config.shared_fraction)  # fail early
+    plan_sizes(int(cfg["intermediate_size"]), config.num_experts, config.shared_fraction)
     tensors = dict(ckpt.weights(dtype=torch.float32))
     dense: Any = build_model(cfg, torch.float32)
     dense.load_weights(tensors.items())
@@ -224,16 +308,20 @@ def moefy(config: MoefyConfig, progress: bool = True, calibrated: Calibrated | N
         raise ValueError(f"output folder {out} exists and is not empty")
     cal = calibrated if calibrated is not None else calibrate(config, progress)
     cfg, tensors = cal.config, cal.tensors
+    check_plan(cfg, config.shared_fraction)
+    layout = layout_of(cfg)
     num_shared, expert_size = plan_sizes(int(cfg["intermediate_size"]), config.num_experts,
                                          config.shared_fraction)
     report = MoefyReport(str(out), config.num_experts, config.top_k, num_shared, expert_size, config.method,
                          dict(cal.calibration), pregate_from=config.pregate_from)
     moe_tensors = {k: v for k, v in tensors.items() if ".mlp." not in k}
-    # Written untied (an explicit LM head, same values): every loader reads that the same way.
-    moe_tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"].clone())
+    if layout.untie:  # an explicit LM head, same values: every loader of those layouts reads that the same way
+        moe_tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"].clone())
+    elif cfg.get("tie_word_embeddings", True):  # gemma3: kept tied (the 262k-row embedding is most of it)
+        moe_tensors.pop("lm_head.weight", None)
     routes = []
     for layer, rec in enumerate(cal.records):
-        layer_tensors, ids = _layer_tensors(layer, rec.x, rec.h, tensors, config, num_shared, report)
+        layer_tensors, ids = _layer_tensors(layer, rec.x, rec.h, tensors, config, num_shared, report, layout)
         moe_tensors.update(layer_tensors)
         routes.append(ids)
         _log(progress, f"layer {layer}: router recall {report.router_recall[-1]:.3f}, "
@@ -261,9 +349,9 @@ def moefy(config: MoefyConfig, progress: bool = True, calibrated: Calibrated | N
 
 
 def _layer_tensors(layer: int, x: torch.Tensor, h: torch.Tensor, dense: dict[str, torch.Tensor],
-                   config: MoefyConfig, num_shared: int, report: MoefyReport
+                   config: MoefyConfig, num_shared: int, report: MoefyReport, layout: Layout
                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One layer's Qwen2-MoE tensors (split, router, the two rescalings of the module docstring) and
+    """One layer's MoE tensors in `layout` (split, router, the rescalings of the module docstring) and
     the router's `[num_tokens, top_k]` choice on the calibration tokens."""
     p = f"model.layers.{layer}.mlp"
     gate, up, down = dense[f"{p}.gate_proj.weight"], dense[f"{p}.up_proj.weight"], dense[f"{p}.down_proj.weight"]
@@ -284,11 +372,16 @@ def _layer_tensors(layer: int, x: torch.Tensor, h: torch.Tensor, dense: dict[str
         report.router_recall.append(topk_recall(logits, target, k))
         chosen = logits.topk(k, dim=1).indices
         report.covered_mass.append(float(target.gather(1, chosen).sum(1).mean()))
-    out = {f"{p}.gate.weight": router,
-           f"{p}.shared_expert.gate_proj.weight": gate[split.shared],
-           f"{p}.shared_expert.up_proj.weight": up[split.shared],
-           f"{p}.shared_expert.down_proj.weight": 2.0 * down[:, split.shared],
-           f"{p}.shared_expert_gate.weight": torch.zeros(1, x.shape[1])}
+    out = {f"{p}.gate.weight": router}
+    if layout.shared_gate:  # Qwen2-MoE: sigmoid(0) = 1/2 on the shared expert, undone by doubling down
+        out.update({f"{p}.shared_expert.gate_proj.weight": gate[split.shared],
+                    f"{p}.shared_expert.up_proj.weight": up[split.shared],
+                    f"{p}.shared_expert.down_proj.weight": 2.0 * down[:, split.shared],
+                    f"{p}.shared_expert_gate.weight": torch.zeros(1, x.shape[1])})
+    elif num_shared:  # Gemma3-MoE: an ungated shared expert (Qwen3-MoE has none: num_shared is 0)
+        out.update({f"{p}.shared_expert.gate_proj.weight": gate[split.shared],
+                    f"{p}.shared_expert.up_proj.weight": up[split.shared],
+                    f"{p}.shared_expert.down_proj.weight": down[:, split.shared]})
     for i, idx in enumerate(split.experts):
         out[f"{p}.experts.{i}.gate_proj.weight"] = gate[idx]
         out[f"{p}.experts.{i}.up_proj.weight"] = up[idx]

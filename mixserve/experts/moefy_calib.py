@@ -7,8 +7,8 @@ different Python version (slightly different docstrings) is visible. `--calibrat
 
 `record_ffn` runs the dense model over the token windows with hooks on every FFN and keeps, per layer,
 the FFN input `x` (`[num_tokens, hidden_size]`) and the intermediate activation
-`h = silu(gate x) * up x` (`[num_tokens, intermediate_size]`), the quantities MoEfication clusters and
-the routers are fitted on.
+`h = act(gate x) * up x` (`[num_tokens, intermediate_size]`; act: silu, or tanh-gelu for gemma3), the
+quantities MoEfication clusters and the routers are fitted on.
 """
 
 from __future__ import annotations
@@ -124,12 +124,14 @@ class FFNRecord:
     x: torch.Tensor
     """`[num_tokens, hidden_size]` float32 FFN inputs (after the pre-FFN norm)."""
     h: torch.Tensor
-    """`[num_tokens, intermediate_size]` float32 intermediate activations silu(gate x) * up x."""
+    """`[num_tokens, intermediate_size]` float32 intermediate activations act(gate x) * up x (the input of
+    the down projection)."""
 
 
 def record_ffn(model: nn.Module, windows: Sequence[Sequence[int]]) -> list[FFNRecord]:
-    """Run a dense llama-family mixserve model over `windows` and record every layer's FFN traffic
-    (into buffers allocated once: memory is the records themselves, no concatenation copies)."""
+    """Run a dense mixserve model (blocks with `mlp.gate_up_proj` and `mlp.down_proj`: llama, qwen2, qwen3,
+    gemma3) over `windows` and record every layer's FFN traffic (into buffers allocated once: memory is
+    the records themselves, no concatenation copies)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no model.layers to record")

@@ -9,7 +9,8 @@ import sys
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `moefy` subcommand on `sub`."""
-    p = sub.add_parser("moefy", help="turn a dense checkpoint into a Qwen2-MoE checkpoint (MoEfication)")
+    p = sub.add_parser("moefy", help="turn a dense llama/qwen2/qwen3/gemma3 checkpoint into an MoE checkpoint "
+                                     "(MoEfication)")
     p.add_argument("model", help="dense model: known name, HF folder or GGUF file")
     p.add_argument("out", help="output folder (new or empty)")
     p.add_argument("--num-experts", "-E", type=int, required=True, help="routed experts per layer")

@@ -8,7 +8,7 @@ tokens routed to it:
     ids, weights = top_k(score(x @ router^T))             [num_tokens, top_k]
     order = argsort(ids.flatten())                         token-expert pairs grouped by expert id
     for each wave, for each expert e of the wave (a contiguous run of `order`):
-        y[run] = down_e(silu(gate_e x) * up_e x)           gate_up fused: one [2*inter, hidden] matmul
+        y[run] = down_e(act(gate_e x) * up_e x)            gate_up fused: one [2*inter, hidden] matmul
     out = zeros.index_add_(0, token_of(order), y * weight) scatter-add back to tokens
 
 Each expert's rows are computed by the same ops whatever the waves, so outputs are bitwise the same
@@ -16,8 +16,9 @@ for any provider holding the same weights. `set_route_source` is the replay seam
 `RouteSource` replace the router's choice (trace replay, synthetic skewed routing for benchmarks).
 
 The families differ only in flags: how scores are made (softmax/sigmoid), whether the selected weights
-are renormalised to sum to 1, in which dtype they scale the expert outputs, and an optional shared
-expert with a sigmoid gate (Qwen2-MoE).
+are renormalised to sum to 1, in which dtype they scale the expert outputs, an optional shared expert
+with a sigmoid gate (Qwen2-MoE), and the activation of the gated MLPs (`silu` for SwiGLU everywhere but
+the moefied Gemma3 family, whose experts are GeGLU: `gelu_tanh`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ from mixserve.layers.invariant import tiled_linear
 from mixserve.layers.linear import Linear
 
 Scoring = Literal["softmax", "sigmoid"]
+Activation = Literal["silu", "gelu_tanh"]
+"""The gate activation of a gated MLP: `silu` (SwiGLU) or `gelu_tanh` (GeGLU, HF `gelu_pytorch_tanh`)."""
+ACTIVATIONS: tuple[Activation, ...] = ("silu", "gelu_tanh")
+
+
+def check_activation(activation: str) -> Activation:
+    """`activation` if it is one of `ACTIVATIONS`, else ValueError naming it."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown gated-MLP activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+    return activation  # type: ignore[return-value]
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -42,17 +53,27 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-class GatedMLP(nn.Module):
-    """down(silu(gate x) * up x), gate and up fused in one `[2 * inter, hidden]` Linear."""
+def act_and_mul(gate_up: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """`[n, 2 * inter]` (gate | up) -> `[n, inter]` act(gate) * up."""
+    if activation == "silu":
+        return silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+
+class GatedMLP(nn.Module):
+    """down(act(gate x) * up x), gate and up fused in one `[2 * inter, hidden]` Linear; act is silu
+    unless `activation` says otherwise."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: Activation = "silu") -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
+        self.activation = check_activation(activation)
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
         self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.activation))
 
 
 class RouterGate(nn.Module):
@@ -124,12 +145,13 @@ class MoE(nn.Module):
     def __init__(self, layer_idx: int, hidden_size: int, intermediate_size: int, num_experts: int,
                  top_k: int, *, scoring: Scoring = "softmax", normalize_topk: bool,
                  weights_in_activation_dtype: bool, shared_intermediate_size: int | None = None,
-                 shared_expert_gate: bool = False) -> None:
+                 shared_expert_gate: bool = False, activation: Activation = "silu") -> None:
         """`normalize_topk`: rescale the selected weights to sum to 1 (Mixtral always; Qwen/OLMoE
         `norm_topk_prob`). `weights_in_activation_dtype`: round the float32 routing weights to the
         activation dtype before scaling expert outputs (Qwen/OLMoE) instead of scaling in float32 and
         rounding the product (Mixtral); the two only differ below float32. `shared_intermediate_size`:
-        add an always-on expert of that width, scaled by sigmoid(x @ w) if `shared_expert_gate`."""
+        add an always-on expert of that width, scaled by sigmoid(x @ w) if `shared_expert_gate`.
+        `activation`: the gate activation of every expert and of the shared expert (`Activation`)."""
         super().__init__()
         self.gate = TopKRouter(hidden_size, num_experts, top_k, scoring=scoring, normalize_topk=normalize_topk)
         if shared_expert_gate and shared_intermediate_size is None:
@@ -141,7 +163,8 @@ class MoE(nn.Module):
         self.invariant = False
         """Batch-invariant mode: expert matmuls in fixed-size row tiles (`layers/invariant.py`)."""
         self.weights_in_activation_dtype = weights_in_activation_dtype
-        self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size)
+        self.activation = check_activation(activation)
+        self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, activation)
                               if shared_intermediate_size is not None else None)
         self.shared_expert_gate = RouterGate(hidden_size, 1) if shared_expert_gate else None
         self.route_source: RouteSource | None = None
@@ -217,7 +240,7 @@ class MoE(nn.Module):
                     f"{list(down.shape)}, expected {list(gate_up_shape)} / {list(down_shape)}")
             start, n = starts[expert_id], num_rows[expert_id]
             linear = tiled_linear if self.invariant else F.linear
-            h = silu_and_mul(linear(xs[start:start + n], gate_up))  # [n, intermediate_size]
+            h = act_and_mul(linear(xs[start:start + n], gate_up), self.activation)  # [n, intermediate_size]
             out[start:start + n] = linear(h, down)
 
 

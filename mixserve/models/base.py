@@ -159,6 +159,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "Qwen2MoeForCausalLM": ("mixserve.models.qwen2_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("mixserve.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     "OlmoeForCausalLM": ("mixserve.models.olmoe", "OlmoeForCausalLM"),
+    "Gemma3MoeForCausalLM": ("mixserve.models.gemma3_moe", "Gemma3MoeForCausalLM"),  # mixserve's own (moefy)
 }
 
 

@@ -9,7 +9,7 @@ and the final logits may be tanh-softcapped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -182,9 +182,15 @@ class Gemma3Block(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
+BlockFactory = Callable[[int, RotaryEmbedding, int | None], nn.Module]
+"""(layer index, its RoPE, its attention window) -> a block; lets the MoE family (`gemma3_moe.py`) reuse
+the trunk with its own blocks."""
+
+
 class Gemma3Model(nn.Module):
-    def __init__(self, args: Gemma3Args) -> None:
+    def __init__(self, args: Gemma3Args, make_block: BlockFactory | None = None) -> None:
         super().__init__()
+        block = make_block or (lambda _i, rotary, window: Gemma3Block(args, rotary, window))
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
                                          _weight=torch.empty(args.vocab_size, args.hidden_size), _freeze=True)
         # A buffer so that `.to(dtype)` rounds it like HF does (the scale is applied in activation dtype).
@@ -193,9 +199,8 @@ class Gemma3Model(nn.Module):
         self.rotary_global = RotaryEmbedding(args.head_dim, args.rope_global[0], scaling=args.rope_global[1])
         self.sliding_layers = args.sliding_layers
         self.layers = nn.ModuleList(
-            Gemma3Block(args, self.rotary_local, args.sliding_window) if sliding
-            else Gemma3Block(args, self.rotary_global, None)
-            for sliding in args.sliding_layers)
+            block(i, self.rotary_local, args.sliding_window) if sliding else block(i, self.rotary_global, None)
+            for i, sliding in enumerate(args.sliding_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
 
 
@@ -207,26 +212,44 @@ class Gemma3ForCausalLM(DecoderLM):
         super().__init__(args, Gemma3Model(args))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids) * self.model.embed_scale  # [num_tokens, hidden_size]
+        return gemma3_embed(self.model, input_ids)
 
     def forward_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                        kv_caches: list[KVCache], start: int, end: int) -> torch.Tensor:
-        check_layer_range(start, end, self.args.num_hidden_layers, kv_caches)
-        # Both RoPE tables once per stage, shared by every layer of their kind.
-        local_cos_sin = self.model.rotary_local.cos_sin(positions)
-        global_cos_sin = self.model.rotary_global.cos_sin(positions)
-        blocks = zip(islice(self.model.layers, start, end), self.args.sliding_layers[start:end], kv_caches)
-        for layer, sliding, kv_cache in blocks:
-            hidden = layer(hidden, local_cos_sin if sliding else global_cos_sin, kv_cache, meta)
-        return hidden  # [num_tokens, hidden_size]
+        return gemma3_layers(self.model, self.args, hidden, positions, meta, kv_caches, start, end)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.model.norm(hidden)).float()  # [n, vocab_size]
-        cap = self.args.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return gemma3_head(self.model, self.lm_head, self.args, hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF tensors in; q/k/v and gate/up land in row ranges of the fused projections."""
         a = self.args
         load_dense_weights(self, weights, dense_splits(a.num_attention_heads, a.num_key_value_heads, a.head_dim,
                                                        a.intermediate_size), a.tie_word_embeddings)
+
+
+def gemma3_embed(trunk: Gemma3Model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The scaled embedding: `[num_tokens]` -> `[num_tokens, hidden_size]`."""
+    return trunk.embed_tokens(input_ids) * trunk.embed_scale
+
+
+def gemma3_layers(trunk: Gemma3Model, args: Gemma3Args, hidden: torch.Tensor, positions: torch.Tensor,
+                  meta: AttentionMetadata, kv_caches: list[KVCache], start: int, end: int,
+                  *extra: object) -> torch.Tensor:
+    """Blocks `[start, end)`, each with its kind's RoPE table; `extra` goes to every block after the
+    metadata (the MoE family: provider, observer)."""
+    check_layer_range(start, end, args.num_hidden_layers, kv_caches)
+    # Both RoPE tables once per stage, shared by every layer of their kind.
+    local_cos_sin = trunk.rotary_local.cos_sin(positions)
+    global_cos_sin = trunk.rotary_global.cos_sin(positions)
+    blocks = zip(islice(trunk.layers, start, end), args.sliding_layers[start:end], kv_caches)
+    for layer, sliding, kv_cache in blocks:
+        hidden = layer(hidden, local_cos_sin if sliding else global_cos_sin, kv_cache, meta, *extra)
+    return hidden  # [num_tokens, hidden_size]
+
+
+def gemma3_head(trunk: Gemma3Model, lm_head: nn.Module, args: Gemma3Args, hidden: torch.Tensor) -> torch.Tensor:
+    """Final `(1 + w)` norm, LM head, optional tanh softcap: `[n, hidden_size]` -> `[n, vocab_size]` float32."""
+    logits = lm_head(trunk.norm(hidden)).float()
+    cap = args.final_logit_softcapping
+    return logits if cap is None else torch.tanh(logits / cap) * cap
