@@ -64,6 +64,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="serve a mixture of the pool's models as model mixture/NAME (profiles JSON from "
                         "`mixserve mixture profile`; repeatable)")
     g.add_argument("--mixture-max-tokens", type=int, default=128, help="max tokens of each expert call of a mixture")
+    g.add_argument("--mixture-temperature", type=float, default=0.7,
+                   help="sampling temperature of a mixture's experts and aggregator (paper: 0.7; 0: greedy)")
+    g.add_argument("--mixture-aggregation", default="aggregator",
+                   choices=["aggregator", "skip-on-agreement", "majority"],
+                   help="aggregator: always (paper); skip-on-agreement: not when the experts agree (MOSAIC); "
+                        "majority: vote, no aggregator")
 
 
 def serve_models(args: argparse.Namespace, options: Any) -> int | None:
@@ -87,8 +93,14 @@ def serve_models(args: argparse.Namespace, options: Any) -> int | None:
     if args.mixture_max_tokens < 1:
         raise ConfigError(f"invalid --mixture-max-tokens {args.mixture_max_tokens!r}: must be >= 1",
                           field="mixture_max_tokens")
+    if args.mixture_temperature < 0:
+        raise ConfigError(f"invalid --mixture-temperature {args.mixture_temperature!r}: must be >= 0",
+                          field="mixture_temperature")
+    from mixserve.mixture.pipeline import MixtureConfig
+
     return serve_pool(specs, parse_budget(args.pool_memory_budget), options, args.preload, mixtures,
-                      args.mixture_max_tokens)
+                      args.mixture_max_tokens, args.mixture_temperature,
+                      MixtureConfig(aggregation=args.mixture_aggregation))
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -39,6 +39,9 @@ class SkillConfig:
     """Keep a keyword seen at least this many times across the k samples (paper: more than once)."""
     max_keyword_chars: int = 20
     """Longer keywords are dropped (as the released code does)."""
+    temperature: float | None = 0.7
+    """Sampling temperature of the keyword samples (the released code's 0.7), whatever the annotator's
+    own; None: the annotator's."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -46,6 +49,9 @@ class SkillConfig:
                               field="num_samples")
         if self.min_count < 1:
             raise ConfigError(f"invalid config min_count={self.min_count!r}: must be >= 1", field="min_count")
+        if self.temperature is not None and self.temperature < 0:
+            raise ConfigError(f"invalid config temperature={self.temperature!r}: must be >= 0",
+                              field="temperature")
 
 
 def parse_keywords(text: str) -> list[str]:
@@ -77,7 +83,7 @@ class KeywordExtractor:
     def extract(self, questions: list[Question]) -> list[list[str]]:
         k = self.config.num_samples
         requests = [ExpertRequest(q, KEYWORD_PROMPT.format(question=q.text), "keywords", seed=s,
-                                  shots=KEYWORD_SHOTS)
+                                  shots=KEYWORD_SHOTS, temperature=self.config.temperature)
                     for q in questions for s in range(k)]
         answers = self.annotator.generate(requests)
         return [consistent_keywords([parse_keywords(a.text) for a in answers[i * k:(i + 1) * k]], self.config)
