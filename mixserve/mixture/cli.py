@@ -36,6 +36,9 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--max-memory", default=None, help="only models at most this resident size (e.g. 600MB)")
     run.add_argument("--aggregator", default=None, help="aggregator model (default: the profiles' choice)")
     run.add_argument("--moa-layers", type=int, default=2)
+    run.add_argument("--aggregation", choices=["aggregator", "skip-on-agreement", "majority"], default="aggregator",
+                     help="symbolic/random: aggregator always (paper), not when the k answers agree (MOSAIC), "
+                          "or their majority vote")
     run.add_argument("--scheduling", choices=["grouped", "per-question"], default="grouped")
     run.add_argument("--out", default=None, help="write every answer and the batch report as JSON")
     from mixserve.cluster.mixcli import add_run_args
@@ -112,6 +115,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--difficulty", type=int, default=1)
     p.add_argument("--annotator", default=None, help="keyword model (default: the first model)")
     p.add_argument("--keyword-samples", type=int, default=5, help="k of the self-consistency filter")
+    p.add_argument("--keyword-temperature", type=float, default=0.7,
+                   help="temperature of the keyword samples (also when --temperature is 0)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--threads", type=int, default=None)
@@ -137,7 +142,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[Any], Any]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     problems = mixed_problems(tasks, args.num_questions, seed=args.seed, difficulty=args.difficulty)
     return pool, llm_expert_factory(params), TaskGrader(), questions_from(problems), \
-        SkillConfig(num_samples=args.keyword_samples)
+        SkillConfig(num_samples=args.keyword_samples, temperature=args.keyword_temperature)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -170,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recruit = RecruitConfig(k=args.k, with_replacement=not args.no_replacement, max_latency_s=args.max_latency,
                             max_memory_bytes=parse_budget(args.max_memory) if args.max_memory else None)
     config = MixtureConfig(recruit=recruit, seed=args.seed, aggregator=args.aggregator,
-                           moa_layers=args.moa_layers, scheduling=args.scheduling)
+                           moa_layers=args.moa_layers, scheduling=args.scheduling, aggregation=args.aggregation)
     pool, expert_of, grader, questions, skills = _setup(args)
     mapper = KeywordMapper(profiles.vocabulary(), MiniLMEmbedder()) if "symbolic" in methods else None
     annotator = args.annotator or pool.names[0]
@@ -200,7 +205,8 @@ def _run_methods(args: argparse.Namespace, methods: list[str], questions: list[A
                         "stages": {k: v.as_dict() for k, v in run.stages.items()},
                         "results": [{"qid": x.question.qid, "task": x.question.task, "keywords": x.keywords,
                                      "recruited": x.recruited, "answer": x.answer, "reference": x.question.reference,
-                                     "correct": x.correct, "answers": x.answers, "final": x.final}
+                                     "correct": x.correct, "answers": x.answers, "final": x.final,
+                                     "aggregated": x.aggregated}
                                     for x in run.results]}
         if cluster is not None:
             dump[method]["replicas"] = cluster.pool.replicas()  # cumulative, after this method
