@@ -104,6 +104,7 @@ def main() -> None:
     mixture = Mixture(pool, expert_of, profiles, grader, config, skills, mapper, annotator=annotator)
     rows = []
     methods = args.methods.split(",")
+    reused: dict[str, Any] = {}  # the first symbolic run's keywords (and their stage), for its variants
     for spec in methods:
         method, _, aggregation = spec.partition("/")
         singles = [s.name for s in specs] if method == "single" else [None]
@@ -113,7 +114,12 @@ def main() -> None:
             runner = Mixture(pool, expert_of, profiles, grader, m, skills, mapper, annotator=annotator)
             if method == "symbolic" and mapper is None:
                 continue
-            run = runner.run(test, method)
+            run = runner.run(test, method, keywords=reused.get("keywords"))
+            if method == "symbolic" and "keywords" not in reused:
+                reused.update(keywords=[r.keywords for r in run.results], stage=run.stages["keywords"])
+            elif method == "symbolic":  # its keywords are the first symbolic run's: count their time too
+                run.stages["keywords (reused)"] = reused["stage"]
+                run.report.add(reused["stage"])
             name = f"single:{single}" if single else f"random-{args.k}" if method == "random" else method
             if method in ("symbolic", "random") and m.aggregation != "aggregator":
                 name += f"/{m.aggregation}"

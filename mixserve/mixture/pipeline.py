@@ -159,7 +159,9 @@ class Mixture:
         return len(extracted) == 1 and None not in extracted
 
     # -- methods ------------------------------------------------------------------------------
-    def run(self, questions: list[Question], method: str) -> MixtureRun:
+    def run(self, questions: list[Question], method: str, keywords: list[list[str]] | None = None) -> MixtureRun:
+        """Answer `questions` with `method`; symbolic takes `keywords` (mapped, one list per question) from an
+        earlier run instead of extracting them again (then its report has no keywords stage)."""
         if method not in METHODS:
             raise ConfigError(f"invalid method={method!r}: one of {', '.join(METHODS)}", field="method")
         results = [QuestionResult(q) for q in questions]
@@ -167,7 +169,11 @@ class Mixture:
         rng = random.Random(self.config.seed)
         k = self.config.recruit.k
         if method == "symbolic":
-            keywords, stages["keywords"] = self.keywords(questions)
+            if keywords is None:
+                keywords, stages["keywords"] = self.keywords(questions)
+            elif len(keywords) != len(questions):
+                raise ConfigError(f"invalid keywords: {len(keywords)} lists for {len(questions)} questions",
+                                  field="keywords")
             for r, kws in zip(results, keywords, strict=True):
                 r.keywords = kws
                 r.recruited = recruit(self.profiles, kws, rng, self.config.recruit)

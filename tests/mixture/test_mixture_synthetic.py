@@ -165,3 +165,15 @@ def test_aggregation_modes() -> None:
         r.answer for r in runs["skip-on-agreement"].results]
     with pytest.raises(ValueError, match="aggregation='best'"):
         MixtureConfig(aggregation="best")  # type: ignore[arg-type]
+
+
+def test_symbolic_reuses_given_keywords() -> None:
+    """Keywords from an earlier run: no keyword stage, the same recruitment (seeded) as extracting them."""
+    mixture, _ = _mixture()
+    questions = questions_from(mixed_problems(TASKS, 6, seed=9, difficulty=1))
+    first = mixture.run(questions, "symbolic")
+    again = mixture.run(questions, "symbolic", keywords=[r.keywords for r in first.results])
+    assert "keywords" in first.stages and "keywords" not in again.stages
+    assert [r.recruited for r in again.results] == [r.recruited for r in first.results]
+    with pytest.raises(ValueError, match="2 lists for 18 questions"):
+        mixture.run(questions, "symbolic", keywords=[[], []])
