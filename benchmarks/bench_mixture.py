@@ -30,7 +30,7 @@ from mixserve.mixture.profile import profile_models
 from mixserve.mixture.profiles import Profiles
 from mixserve.mixture.recruit import RecruitConfig
 from mixserve.mixture.schedule import Job, run_grouped, run_per_question
-from mixserve.mixture.skills import KeywordMapper, MiniLMEmbedder, SkillConfig
+from mixserve.mixture.skills import KEYWORD_PROMPTS, KeywordMapper, MiniLMEmbedder, SkillConfig
 from mixserve.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,6 +56,8 @@ def main() -> None:
                     help="experts' and aggregator's sampling temperature (the released code's 0.7; 0: greedy)")
     ap.add_argument("--keyword-samples", type=int, default=3)
     ap.add_argument("--keyword-temperature", type=float, default=0.7, help="keyword samples (self-consistency)")
+    ap.add_argument("--keyword-prompt", default="shots", choices=KEYWORD_PROMPTS,
+                    help="shots (default), paper (the released code's prompt), generic-shots")
     ap.add_argument("--aggregation", default="aggregator", choices=AGGREGATIONS,
                     help="symbolic / random-k: aggregator (paper), skip-on-agreement (MOSAIC), majority; a method "
                          "may also name its own, e.g. symbolic/majority")
@@ -82,7 +84,8 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     expert_of = llm_expert_factory(params)
     grader = TaskGrader()
-    skills = SkillConfig(num_samples=args.keyword_samples, temperature=args.keyword_temperature)
+    skills = SkillConfig(num_samples=args.keyword_samples, temperature=args.keyword_temperature,
+                         prompt=args.keyword_prompt)
     pool, _ = real_pool(specs, parse_budget(args.pool_memory_budget))
     val = questions_from(mixed_problems(tasks, args.val_per_task or args.per_task, seed=1000, difficulty=1))
     test = questions_from(mixed_problems(tasks, args.per_task, seed=0, difficulty=1))

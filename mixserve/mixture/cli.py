@@ -117,6 +117,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keyword-samples", type=int, default=5, help="k of the self-consistency filter")
     p.add_argument("--keyword-temperature", type=float, default=0.7,
                    help="temperature of the keyword samples (also when --temperature is 0)")
+    p.add_argument("--keyword-prompt", choices=["shots", "paper", "generic-shots"], default="shots",
+                   help="shots: examples as chat turns (default); paper: the released code's prompt; "
+                        "generic-shots: examples from no task family")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--threads", type=int, default=None)
@@ -142,7 +145,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[Any], Any]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     problems = mixed_problems(tasks, args.num_questions, seed=args.seed, difficulty=args.difficulty)
     return pool, llm_expert_factory(params), TaskGrader(), questions_from(problems), \
-        SkillConfig(num_samples=args.keyword_samples, temperature=args.keyword_temperature)
+        SkillConfig(num_samples=args.keyword_samples, temperature=args.keyword_temperature,
+                    prompt=args.keyword_prompt)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

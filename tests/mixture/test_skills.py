@@ -131,3 +131,25 @@ def test_keyword_samples_keep_their_temperature_when_experts_answer_greedily() -
     assert {(p.temperature, p.seed) for p in llm.params} == {(0.0, None)}
     with pytest.raises(ValueError, match="temperature=-1"):
         SkillConfig(temperature=-1)
+
+
+def test_keyword_prompt_styles() -> None:
+    """shots (default): the chat-turn examples; paper: the released code's one-turn prompt; generic-shots:
+    examples none of which is a task-suite family question; a bad style is a clear error."""
+    from mixserve.mixture.skills import GENERIC_KEYWORD_SHOTS, KEYWORD_SHOTS, keyword_request
+
+    q = Question("q", "What is 4 + 4?")
+    assert SkillConfig().prompt == "shots"
+    shots = keyword_request(q, 1)
+    assert shots.shots == KEYWORD_SHOTS and shots.prompt.endswith("Question: What is 4 + 4?") and shots.seed == 1
+    paper = keyword_request(q, 0, "paper", 0.7)
+    assert paper.shots == () and paper.temperature == 0.7
+    assert paper.prompt.startswith("Question: What is 4 + 4?\nWhat are the core knowledge, subjects or skills")
+    assert paper.prompt.endswith("Follow this format: Keywords: <keyword1>, <keyword2>...")
+    generic = keyword_request(q, 0, "generic-shots")
+    assert generic.shots == GENERIC_KEYWORD_SHOTS
+    assert not any(w in user.lower() for user, _ in generic.shots for w in ("sort", "divisor", "gcd", "what is 3"))
+    annotator = _Annotator(["Keywords: a, b"] * 3)
+    KeywordExtractor(annotator, SkillConfig(num_samples=3, prompt="paper")).extract([q])
+    with pytest.raises(ValueError, match="prompt='fancy'"):
+        SkillConfig(prompt="fancy")  # type: ignore[arg-type]
