@@ -63,7 +63,8 @@ def moa_reference(client: Any, question: str, proposers: list[str], aggregator: 
 
 
 def start_server(models: list[str], profiles: Path, max_tokens: int, log: Path, temperature: float = 0.7,
-                 aggregation: str = "aggregator", budget: str = "4GiB") -> tuple[subprocess.Popen[bytes], str]:
+                 aggregation: str = "aggregator", budget: str = "4GiB", keyword_prompt: str = "shots"
+                 ) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
 
     with socket.socket() as sock:
@@ -72,6 +73,7 @@ def start_server(models: list[str], profiles: Path, max_tokens: int, log: Path, 
     cmd = [sys.executable, "-m", "mixserve", "serve", *[a for m in models for a in ("--model", m)],
            "--pool-memory-budget", budget, "--mixture", f"native={profiles}", "--mixture-max-tokens",
            str(max_tokens), "--mixture-temperature", str(temperature), "--mixture-aggregation", aggregation,
+           "--mixture-keyword-prompt", keyword_prompt,
            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -106,6 +108,8 @@ def main() -> None:
     ap.add_argument("--aggregation", default="aggregator", choices=["aggregator", "skip-on-agreement", "majority"],
                     help="the native mixture's final step (serve --mixture-aggregation)")
     ap.add_argument("--pool-memory-budget", default="4GiB")
+    ap.add_argument("--keyword-prompt", default="shots", choices=["shots", "paper", "generic-shots"],
+                    help="the native mixture's keyword prompt (serve --mixture-keyword-prompt)")
     ap.add_argument("--request-timeout", type=float, default=900, help="seconds per OpenAI call")
     args = ap.parse_args()
     tasks = args.tasks.split(",")
@@ -127,7 +131,7 @@ def main() -> None:
         prof_path.write_text(json.dumps(profiles))
         log = Path(tmp) / "server.log"
         proc, url = start_server(models, prof_path, args.max_tokens, log, args.temperature, args.aggregation,
-                                 args.pool_memory_budget)
+                                 args.pool_memory_budget, args.keyword_prompt)
         try:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=args.request_timeout,
                                    max_retries=0)

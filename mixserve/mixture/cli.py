@@ -73,6 +73,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    choices=["aggregator", "skip-on-agreement", "majority"],
                    help="aggregator: always (paper); skip-on-agreement: not when the experts agree (MOSAIC); "
                         "majority: vote, no aggregator")
+    g.add_argument("--mixture-keyword-prompt", choices=["shots", "paper", "generic-shots"], default="shots",
+                   help="keyword prompt of a mixture (see `mixserve mixture run --keyword-prompt`)")
 
 
 def serve_models(args: argparse.Namespace, options: Any) -> int | None:
@@ -100,10 +102,12 @@ def serve_models(args: argparse.Namespace, options: Any) -> int | None:
         raise ConfigError(f"invalid --mixture-temperature {args.mixture_temperature!r}: must be >= 0",
                           field="mixture_temperature")
     from mixserve.mixture.pipeline import MixtureConfig
+    from mixserve.mixture.skills import SkillConfig
 
     return serve_pool(specs, parse_budget(args.pool_memory_budget), options, args.preload, mixtures,
                       args.mixture_max_tokens, args.mixture_temperature,
-                      MixtureConfig(aggregation=args.mixture_aggregation))
+                      MixtureConfig(aggregation=args.mixture_aggregation),
+                      SkillConfig(prompt=args.mixture_keyword_prompt))
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from mixserve.mixture.grading import TaskGrader
 from mixserve.mixture.pipeline import Mixture, MixtureConfig, MixtureRun
 from mixserve.mixture.pool import ModelPool
 from mixserve.mixture.profiles import Profiles
-from mixserve.mixture.skills import KeywordMapper, MiniLMEmbedder
+from mixserve.mixture.skills import KeywordMapper, MiniLMEmbedder, SkillConfig
 from mixserve.sampling_params import SamplingParams
 from mixserve.server.errors import ApiError
 
@@ -68,7 +68,7 @@ class ServedMixture:
 
     def __init__(self, name: str, profiles: Profiles, pool: ModelPool[Any], params: SamplingParams,
                  window_s: float = 0.05, expert_of: Any = None, executor: Any = None,
-                 config: MixtureConfig | None = None) -> None:
+                 config: MixtureConfig | None = None, skills: SkillConfig | None = None) -> None:
         self.name = PREFIX + name
         self.profiles, self.pool, self.params, self.window_s = profiles, pool, params, window_s
         self.expert_of = expert_of
@@ -76,6 +76,7 @@ class ServedMixture:
         self.executor = executor
         """The `Mixture` executor (None: `run_grouped` in this process)."""
         self.config = config or MixtureConfig()
+        self.skills = skills
         self.mapper: KeywordMapper | None = None
         self.pending: list[_Pending] = []
         self.lock = asyncio.Lock()
@@ -84,7 +85,8 @@ class ServedMixture:
         if self.mapper is None:
             self.mapper = KeywordMapper(self.profiles.vocabulary(), MiniLMEmbedder())
         expert_of = self.expert_of or (lambda _n, state: EngineExpert(state, self.params, loop))
-        return Mixture(self.pool, expert_of, self.profiles, TaskGrader(), self.config, mapper=self.mapper,
+        return Mixture(self.pool, expert_of, self.profiles, TaskGrader(), self.config, self.skills,
+                       mapper=self.mapper,
                        executor=self.executor)
 
     async def answer(self, text: str) -> tuple[MixtureRun, int]:
