@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--keyword-prompt", default="shots", choices=["shots", "paper", "generic-shots"],
                     help="the native mixture's keyword prompt (serve --mixture-keyword-prompt)")
     ap.add_argument("--request-timeout", type=float, default=900, help="seconds per OpenAI call")
+    ap.add_argument("--warm", action="store_true",
+                    help="load every model (POST /v1/models/load) before timing, so neither side pays cold loads")
     args = ap.parse_args()
     tasks = args.tasks.split(",")
     models = [m for m in args.models.split(",") if m]
@@ -133,6 +135,14 @@ def main() -> None:
         proc, url = start_server(models, prof_path, args.max_tokens, log, args.temperature, args.aggregation,
                                  args.pool_memory_budget, args.keyword_prompt)
         try:
+            if args.warm:
+                import httpx
+
+                t0 = time.perf_counter()
+                for name in names:
+                    r = httpx.post(f"{url}/v1/models/load", json={"model": name}, timeout=600)
+                    r.raise_for_status()
+                out["warm_load_s"] = time.perf_counter() - t0
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=args.request_timeout,
                                    max_retries=0)
             with ThreadPoolExecutor(16) as pool:
