@@ -25,12 +25,12 @@ from typing import Any
 from mixserve.mixture.build import llm_expert_factory, parse_budget, real_pool
 from mixserve.mixture.grading import TaskGrader, mixed_problems, questions_from
 from mixserve.mixture.models import ModelSpec, spec_from_arg
-from mixserve.mixture.pipeline import Mixture, MixtureConfig
+from mixserve.mixture.pipeline import AGGREGATIONS, Mixture, MixtureConfig
 from mixserve.mixture.profile import profile_models
 from mixserve.mixture.profiles import Profiles
 from mixserve.mixture.recruit import RecruitConfig
 from mixserve.mixture.schedule import Job, run_grouped, run_per_question
-from mixserve.mixture.skills import KeywordMapper, MiniLMEmbedder, SkillConfig
+from mixserve.mixture.skills import KEYWORD_PROMPTS, KeywordMapper, MiniLMEmbedder, SkillConfig
 from mixserve.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,8 +49,18 @@ def main() -> None:
     ap.add_argument("--skip-scheduling", action="store_true", help="skip the grouped vs per-question comparison")
     ap.add_argument("--tasks", default="arithmetic,sorting,gcd")
     ap.add_argument("--per-task", type=int, default=3, help="test questions per task (validation: the same)")
+    ap.add_argument("--val-per-task", type=int, default=None,
+                    help="validation questions per task (default: --per-task)")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.7,
+                    help="experts' and aggregator's sampling temperature (the released code's 0.7; 0: greedy)")
     ap.add_argument("--keyword-samples", type=int, default=3)
+    ap.add_argument("--keyword-temperature", type=float, default=0.7, help="keyword samples (self-consistency)")
+    ap.add_argument("--keyword-prompt", default="shots", choices=KEYWORD_PROMPTS,
+                    help="shots (default), paper (the released code's prompt), generic-shots")
+    ap.add_argument("--aggregation", default="aggregator", choices=AGGREGATIONS,
+                    help="symbolic / random-k: aggregator (paper), skip-on-agreement (MOSAIC), majority; a method "
+                         "may also name its own, e.g. symbolic/majority")
     ap.add_argument("--pool-memory-budget", default="4GiB")
     ap.add_argument("--switch-budget", default="1800MB", help="scheduling comparison budget (one model at a time)")
     ap.add_argument("--switch-max-tokens", type=int, default=4)
@@ -71,12 +81,13 @@ def main() -> None:
         specs += [ModelSpec(name=f"spec-{t}", model=str(Path(args.specialist_dir) / f"smollm2-135m-{t}"))
                   for t in tasks]
     annotator = args.annotator or specs[0].name
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.7)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     expert_of = llm_expert_factory(params)
     grader = TaskGrader()
-    skills = SkillConfig(num_samples=args.keyword_samples)
+    skills = SkillConfig(num_samples=args.keyword_samples, temperature=args.keyword_temperature,
+                         prompt=args.keyword_prompt)
     pool, _ = real_pool(specs, parse_budget(args.pool_memory_budget))
-    val = questions_from(mixed_problems(tasks, args.per_task, seed=1000, difficulty=1))
+    val = questions_from(mixed_problems(tasks, args.val_per_task or args.per_task, seed=1000, difficulty=1))
     test = questions_from(mixed_problems(tasks, args.per_task, seed=0, difficulty=1))
     t0 = time.perf_counter()
     if args.reuse_profile:
@@ -91,28 +102,44 @@ def main() -> None:
                           "keywords": keywords, "report": prof_report.as_dict()}
     save()
     mapper = KeywordMapper(profiles.vocabulary(), MiniLMEmbedder()) if profiles.vocabulary() else None
-    config = MixtureConfig(recruit=RecruitConfig(k=args.k), moa_layers=args.moa_layers)
+    config = MixtureConfig(recruit=RecruitConfig(k=args.k), moa_layers=args.moa_layers,
+                           aggregation=args.aggregation)
     mixture = Mixture(pool, expert_of, profiles, grader, config, skills, mapper, annotator=annotator)
     rows = []
     methods = args.methods.split(",")
-    for method in methods:
+    reused: dict[str, Any] = {}  # the first symbolic run's keywords (and their stage), for its variants
+    for spec in methods:
+        method, _, aggregation = spec.partition("/")
         singles = [s.name for s in specs] if method == "single" else [None]
         for single in singles:
             m = replace(mixture.config, single=single) if single else mixture.config
+            m = replace(m, aggregation=aggregation) if aggregation else m
             runner = Mixture(pool, expert_of, profiles, grader, m, skills, mapper, annotator=annotator)
             if method == "symbolic" and mapper is None:
                 continue
-            run = runner.run(test, method)
+            run = runner.run(test, method, keywords=reused.get("keywords"))
+            if method == "symbolic" and "keywords" not in reused:
+                reused.update(keywords=[r.keywords for r in run.results], stage=run.stages["keywords"])
+            elif method == "symbolic":  # its keywords are the first symbolic run's: count their time too
+                run.stages["keywords (reused)"] = reused["stage"]
+                run.report.add(reused["stage"])
             name = f"single:{single}" if single else f"random-{args.k}" if method == "random" else method
+            if method in ("symbolic", "random") and m.aggregation != "aggregator":
+                name += f"/{m.aggregation}"
             rows.append({"method": name, "accuracy": run.accuracy, "wall_s": run.report.wall_seconds,
                          "loads": run.report.loads, "stages": {k: v.as_dict() for k, v in run.stages.items()},
                          "recruited": [r.recruited for r in run.results],
-                         "answers": [r.answer for r in run.results]})
+                         "keywords": [r.keywords for r in run.results],
+                         "tasks": [r.question.task for r in run.results],
+                         "aggregated": [r.aggregated for r in run.results],
+                         "correct": [r.correct for r in run.results],
+                         "answers": [r.answer for r in run.results],
+                         "finals": [r.final for r in run.results]})
             out["methods"] = rows
             save()
             print(f"{name:<24} acc {run.accuracy:.3f}  wall {run.report.wall_seconds:7.1f}s  "
                   f"loads {run.report.loads}", flush=True)
-            if method == "symbolic" and not args.skip_scheduling:
+            if method == "symbolic" and not args.skip_scheduling and "scheduling" not in out:
                 out["scheduling"] = compare_scheduling(specs, run, args)
                 save()
     pool.close()

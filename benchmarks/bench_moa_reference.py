@@ -49,10 +49,10 @@ def moa_messages(question: str, previous: list[str]) -> list[dict[str, str]]:
 
 
 def moa_reference(client: Any, question: str, proposers: list[str], aggregator: str, layers: int,
-                  max_tokens: int, pool: ThreadPoolExecutor) -> str:
+                  max_tokens: int, pool: ThreadPoolExecutor, temperature: float = 0.7) -> str:
     def ask(model: str, messages: list[dict[str, str]]) -> str:
         out = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                             temperature=0.7)
+                                             temperature=temperature)
         return out.choices[0].message.content or ""
 
     previous: list[str] = []
@@ -62,15 +62,19 @@ def moa_reference(client: Any, question: str, proposers: list[str], aggregator: 
     return ask(aggregator, moa_messages(question, previous))
 
 
-def start_server(models: list[str], profiles: Path, max_tokens: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(models: list[str], profiles: Path, max_tokens: int, log: Path, temperature: float = 0.7,
+                 aggregation: str = "aggregator", budget: str = "4GiB", keyword_prompt: str = "shots"
+                 ) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "mixserve", "serve", *[a for m in models for a in ("--model", m)],
-           "--pool-memory-budget", "4GiB", "--mixture", f"native={profiles}", "--mixture-max-tokens",
-           str(max_tokens), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+           "--pool-memory-budget", budget, "--mixture", f"native={profiles}", "--mixture-max-tokens",
+           str(max_tokens), "--mixture-temperature", str(temperature), "--mixture-aggregation", aggregation,
+           "--mixture-keyword-prompt", keyword_prompt,
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -99,6 +103,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--moa-layers", type=int, default=2, help="proposer layers before the aggregator")
     ap.add_argument("--aggregator", default=None, help="MoA aggregator (default: the profiles' aggregator)")
+    ap.add_argument("--temperature", type=float, default=0.7,
+                    help="every call of both (MoA's recipe and the paper: 0.7; 0: greedy)")
+    ap.add_argument("--aggregation", default="aggregator", choices=["aggregator", "skip-on-agreement", "majority"],
+                    help="the native mixture's final step (serve --mixture-aggregation)")
+    ap.add_argument("--pool-memory-budget", default="4GiB")
+    ap.add_argument("--keyword-prompt", default="shots", choices=["shots", "paper", "generic-shots"],
+                    help="the native mixture's keyword prompt (serve --mixture-keyword-prompt)")
+    ap.add_argument("--request-timeout", type=float, default=900, help="seconds per OpenAI call")
+    ap.add_argument("--warm", action="store_true",
+                    help="load every model (POST /v1/models/load) before timing, so neither side pays cold loads")
     args = ap.parse_args()
     tasks = args.tasks.split(",")
     models = [m for m in args.models.split(",") if m]
@@ -117,13 +131,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prof_path = Path(tmp) / "profiles.json"
         prof_path.write_text(json.dumps(profiles))
-        proc, url = start_server(models, prof_path, args.max_tokens, Path(tmp) / "server.log")
+        log = Path(tmp) / "server.log"
+        proc, url = start_server(models, prof_path, args.max_tokens, log, args.temperature, args.aggregation,
+                                 args.pool_memory_budget, args.keyword_prompt)
         try:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=1800)
+            if args.warm:
+                import httpx
+
+                t0 = time.perf_counter()
+                for name in names:
+                    r = httpx.post(f"{url}/v1/models/load", json={"model": name}, timeout=600)
+                    r.raise_for_status()
+                out["warm_load_s"] = time.perf_counter() - t0
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=args.request_timeout,
+                                   max_retries=0)
             with ThreadPoolExecutor(16) as pool:
                 for name, one in (
                         ("moa-reference", lambda q: moa_reference(client, q.text, names, aggregator, args.moa_layers,
-                                                                  args.max_tokens, pool)),
+                                                                  args.max_tokens, pool, args.temperature)),
                         ("native-mixture", lambda q: client.chat.completions.create(
                             model="mixture/native", messages=[{"role": "user", "content": q.text}],
                         ).choices[0].message.content or "")):
@@ -136,7 +161,12 @@ def main() -> None:
                     print(f"{name:<16} acc {out[name]['accuracy']:.3f}  wall {wall:7.1f}s", flush=True)
         finally:
             proc.terminate()
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+            out["server_log_tail"] = log.read_text(errors="replace")[-4000:]
     path = RESULTS / f"moa_reference_{stamp}.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"-> {path}")

@@ -36,6 +36,9 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--max-memory", default=None, help="only models at most this resident size (e.g. 600MB)")
     run.add_argument("--aggregator", default=None, help="aggregator model (default: the profiles' choice)")
     run.add_argument("--moa-layers", type=int, default=2)
+    run.add_argument("--aggregation", choices=["aggregator", "skip-on-agreement", "majority"], default="aggregator",
+                     help="symbolic/random: aggregator always (paper), not when the k answers agree (MOSAIC), "
+                          "or their majority vote")
     run.add_argument("--scheduling", choices=["grouped", "per-question"], default="grouped")
     run.add_argument("--out", default=None, help="write every answer and the batch report as JSON")
     from mixserve.cluster.mixcli import add_run_args
@@ -64,6 +67,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="serve a mixture of the pool's models as model mixture/NAME (profiles JSON from "
                         "`mixserve mixture profile`; repeatable)")
     g.add_argument("--mixture-max-tokens", type=int, default=128, help="max tokens of each expert call of a mixture")
+    g.add_argument("--mixture-temperature", type=float, default=0.7,
+                   help="sampling temperature of a mixture's experts and aggregator (paper: 0.7; 0: greedy)")
+    g.add_argument("--mixture-aggregation", default="aggregator",
+                   choices=["aggregator", "skip-on-agreement", "majority"],
+                   help="aggregator: always (paper); skip-on-agreement: not when the experts agree (MOSAIC); "
+                        "majority: vote, no aggregator")
+    g.add_argument("--mixture-keyword-prompt", choices=["shots", "paper", "generic-shots"], default="shots",
+                   help="keyword prompt of a mixture (see `mixserve mixture run --keyword-prompt`)")
 
 
 def serve_models(args: argparse.Namespace, options: Any) -> int | None:
@@ -87,8 +98,16 @@ def serve_models(args: argparse.Namespace, options: Any) -> int | None:
     if args.mixture_max_tokens < 1:
         raise ConfigError(f"invalid --mixture-max-tokens {args.mixture_max_tokens!r}: must be >= 1",
                           field="mixture_max_tokens")
+    if args.mixture_temperature < 0:
+        raise ConfigError(f"invalid --mixture-temperature {args.mixture_temperature!r}: must be >= 0",
+                          field="mixture_temperature")
+    from mixserve.mixture.pipeline import MixtureConfig
+    from mixserve.mixture.skills import SkillConfig
+
     return serve_pool(specs, parse_budget(args.pool_memory_budget), options, args.preload, mixtures,
-                      args.mixture_max_tokens)
+                      args.mixture_max_tokens, args.mixture_temperature,
+                      MixtureConfig(aggregation=args.mixture_aggregation),
+                      SkillConfig(prompt=args.mixture_keyword_prompt))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -100,6 +119,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--difficulty", type=int, default=1)
     p.add_argument("--annotator", default=None, help="keyword model (default: the first model)")
     p.add_argument("--keyword-samples", type=int, default=5, help="k of the self-consistency filter")
+    p.add_argument("--keyword-temperature", type=float, default=0.7,
+                   help="temperature of the keyword samples (also when --temperature is 0)")
+    p.add_argument("--keyword-prompt", choices=["shots", "paper", "generic-shots"], default="shots",
+                   help="shots: examples as chat turns (default); paper: the released code's prompt; "
+                        "generic-shots: examples from no task family")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--threads", type=int, default=None)
@@ -125,7 +149,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[Any], Any]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     problems = mixed_problems(tasks, args.num_questions, seed=args.seed, difficulty=args.difficulty)
     return pool, llm_expert_factory(params), TaskGrader(), questions_from(problems), \
-        SkillConfig(num_samples=args.keyword_samples)
+        SkillConfig(num_samples=args.keyword_samples, temperature=args.keyword_temperature,
+                    prompt=args.keyword_prompt)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -158,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recruit = RecruitConfig(k=args.k, with_replacement=not args.no_replacement, max_latency_s=args.max_latency,
                             max_memory_bytes=parse_budget(args.max_memory) if args.max_memory else None)
     config = MixtureConfig(recruit=recruit, seed=args.seed, aggregator=args.aggregator,
-                           moa_layers=args.moa_layers, scheduling=args.scheduling)
+                           moa_layers=args.moa_layers, scheduling=args.scheduling, aggregation=args.aggregation)
     pool, expert_of, grader, questions, skills = _setup(args)
     mapper = KeywordMapper(profiles.vocabulary(), MiniLMEmbedder()) if "symbolic" in methods else None
     annotator = args.annotator or pool.names[0]
@@ -188,7 +213,8 @@ def _run_methods(args: argparse.Namespace, methods: list[str], questions: list[A
                         "stages": {k: v.as_dict() for k, v in run.stages.items()},
                         "results": [{"qid": x.question.qid, "task": x.question.task, "keywords": x.keywords,
                                      "recruited": x.recruited, "answer": x.answer, "reference": x.question.reference,
-                                     "correct": x.correct, "answers": x.answers, "final": x.final}
+                                     "correct": x.correct, "answers": x.answers, "final": x.final,
+                                     "aggregated": x.aggregated}
                                     for x in run.results]}
         if cluster is not None:
             dump[method]["replicas"] = cluster.pool.replicas()  # cumulative, after this method

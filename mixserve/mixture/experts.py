@@ -44,6 +44,18 @@ class ExpertRequest:
     """Answers being aggregated (role "aggregate")."""
     shots: tuple[tuple[str, str], ...] = ()
     """Few-shot examples, (user, assistant) turns a chat model sees before `prompt` (role "keywords")."""
+    temperature: float | None = None
+    """Overrides the expert's sampling temperature for this request (None: the expert's own): keyword
+    samples stay sampled for the self-consistency filter when the experts answer greedily."""
+
+
+def request_params(params: SamplingParams, request: ExpertRequest) -> SamplingParams:
+    """`params` for one request: its temperature override, and its seed when it samples."""
+    from dataclasses import replace
+
+    if request.temperature is not None:
+        params = replace(params, temperature=request.temperature)
+    return replace(params, seed=request.seed if params.temperature > 0 else None)
 
 
 def chat_messages(request: ExpertRequest) -> list[dict[str, str]]:
@@ -87,12 +99,9 @@ class LLMExpert:
             return raw_prompt(request)
 
     def generate(self, requests: list[ExpertRequest]) -> list[ExpertAnswer]:
-        from dataclasses import replace
-
         prompts = [self._prompt(r) for r in requests]
         # One engine batch: requests with different seeds still run together (seed is per request).
-        finals = self.llm.generate(prompts, [replace(self.params, seed=(r.seed if self.params.temperature > 0
-                                                                          else None)) for r in requests])
+        finals = self.llm.generate(prompts, [request_params(self.params, r) for r in requests])
         return [ExpertAnswer(out.outputs[0].text, len(out.prompt_token_ids or []), len(out.outputs[0].token_ids))
                 for out in finals]
 

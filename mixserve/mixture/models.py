@@ -132,8 +132,9 @@ def tensor_bytes(module: torch.nn.Module, extra: list[Any] | None = None) -> int
 class LLMLoader:
     """ModelLoader over mixserve engines: one `LLM` (weights + its own KV cache) per model.
 
-    The estimate before the first load is the checkpoint's size on disk x `inflation` plus the KV cache;
-    after a load the measured size is remembered and used from then on.
+    The estimate before the first load: for safetensors, the tensors' element count (from their headers)
+    x the spec's dtype size; for other files (GGUF, quantized), the size on disk x `inflation`; plus the KV
+    cache. After a load the measured size is remembered and used from then on.
     """
 
     def __init__(self, specs: list[ModelSpec], cache_dir: str | Path | None = None,
@@ -150,8 +151,13 @@ class LLMLoader:
         from mixserve.hub import KNOWN_MODELS, cached_path
 
         path = cached_path(spec.model, self.cache_dir) if spec.model in KNOWN_MODELS else Path(spec.model)
-        disk = _disk_bytes(path) if path is not None and path.exists() else 256 << 20
-        return int(disk * self.inflation) + (spec.kv_cache_mib << 20)
+        kv = spec.kv_cache_mib << 20
+        if path is None or not path.exists():
+            return int((256 << 20) * self.inflation) + kv
+        elements = _safetensors_elements(path)
+        if elements:  # dense weights: their element count at the engine's dtype (fp32 on disk is not inflated)
+            return elements * (2 if spec.dtype == "bfloat16" else 4) + kv
+        return int(_disk_bytes(path) * self.inflation) + kv
 
     def load(self, name: str) -> LoadResult[LLM]:
         from mixserve.llm import LLM
@@ -165,6 +171,26 @@ class LLMLoader:
     def unload(self, name: str, handle: LLM) -> None:
         del handle
         gc.collect()
+
+
+def _safetensors_elements(path: Path) -> int:
+    """Elements of every tensor in the safetensors files at `path` (a file or a folder), read from their
+    headers; 0 when there are none (or a header cannot be read)."""
+    import json
+    import math
+    import struct
+
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path] if path.suffix == ".safetensors" else []
+    total = 0
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError, struct.error):
+            return 0
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
 
 
 def _disk_bytes(path: Path) -> int:

@@ -26,6 +26,8 @@ from mixserve.mixture.skills import KeywordExtractor, KeywordMapper, SkillConfig
 Method = Literal["symbolic", "single", "random", "majority", "moa"]
 METHODS: tuple[str, ...] = ("symbolic", "single", "random", "majority", "moa")
 Scheduling = Literal["grouped", "per-question"]
+Aggregation = Literal["aggregator", "skip-on-agreement", "majority"]
+AGGREGATIONS: tuple[str, ...] = ("aggregator", "skip-on-agreement", "majority")
 Executor = Callable[[list[Job], Any, ExpertOf], tuple[dict[Hashable, ExpertAnswer], BatchReport]]
 
 
@@ -46,6 +48,12 @@ class MixtureConfig:
     """Mixture-of-Agents proposers; empty: every model."""
     scheduling: Scheduling = "grouped"
     """grouped: each model's jobs in one batch; per-question: one job at a time (the baseline)."""
+    aggregation: Aggregation = "aggregator"
+    """How symbolic and random-k turn their k answers into one. `aggregator` (the paper and its released
+    code): the aggregator model always synthesises, also when the k slots hold one model's samples.
+    `skip-on-agreement` (MOSAIC): when every slot's extracted answer is the same, that answer is final and
+    the aggregator runs only for the other questions. `majority`: the majority vote over the k answers (the
+    side metric the released code reports), no aggregator. Mixture-of-Agents always aggregates."""
 
     def __post_init__(self) -> None:
         if self.moa_layers < 1:
@@ -53,6 +61,9 @@ class MixtureConfig:
         if self.scheduling not in ("grouped", "per-question"):
             raise ConfigError(f"invalid config scheduling={self.scheduling!r}: grouped or per-question",
                               field="scheduling")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"invalid config aggregation={self.aggregation!r}: one of {', '.join(AGGREGATIONS)}",
+                              field="aggregation")
 
 
 @dataclass
@@ -64,6 +75,8 @@ class QuestionResult:
     final: str = ""
     answer: str | None = None
     correct: bool | None = None
+    aggregated: bool = False
+    """Whether the aggregator model produced `final` (False: a vote or the agreeing experts)."""
 
 
 @dataclass
@@ -130,13 +143,25 @@ class Mixture:
     def _aggregate(self, results: list[QuestionResult], aggregator: str) -> BatchReport:
         jobs = [Job(i, aggregator, aggregate_request(r.question, r.answers, seed=self.config.seed))
                 for i, r in enumerate(results)]
-        answers, report = self._execute(jobs)
+        answers, report = self._execute(jobs) if jobs else ({}, BatchReport())
         for i, r in enumerate(results):
             r.final = answers[i].text
+            r.aggregated = True
+            r.answer = self.grader.extract(r.question, r.final)
         return report
 
+    def _vote(self, r: QuestionResult) -> None:
+        r.answer = majority([self.grader.extract(r.question, a) for a in r.answers])
+        r.final = next((a for a in r.answers if self.grader.extract(r.question, a) == r.answer), r.answers[0])
+
+    def _agrees(self, r: QuestionResult) -> bool:
+        extracted = {self.grader.extract(r.question, a) for a in r.answers}
+        return len(extracted) == 1 and None not in extracted
+
     # -- methods ------------------------------------------------------------------------------
-    def run(self, questions: list[Question], method: str) -> MixtureRun:
+    def run(self, questions: list[Question], method: str, keywords: list[list[str]] | None = None) -> MixtureRun:
+        """Answer `questions` with `method`; symbolic takes `keywords` (mapped, one list per question) from an
+        earlier run instead of extracting them again (then its report has no keywords stage)."""
         if method not in METHODS:
             raise ConfigError(f"invalid method={method!r}: one of {', '.join(METHODS)}", field="method")
         results = [QuestionResult(q) for q in questions]
@@ -144,7 +169,11 @@ class Mixture:
         rng = random.Random(self.config.seed)
         k = self.config.recruit.k
         if method == "symbolic":
-            keywords, stages["keywords"] = self.keywords(questions)
+            if keywords is None:
+                keywords, stages["keywords"] = self.keywords(questions)
+            elif len(keywords) != len(questions):
+                raise ConfigError(f"invalid keywords: {len(keywords)} lists for {len(questions)} questions",
+                                  field="keywords")
             for r, kws in zip(results, keywords, strict=True):
                 r.keywords = kws
                 r.recruited = recruit(self.profiles, kws, rng, self.config.recruit)
@@ -164,15 +193,18 @@ class Mixture:
             for layer in range(1, self.config.moa_layers):
                 stages[f"moa_layer{layer + 1}"] = self._solve_jobs(
                     results, lambda r: aggregate_request(r.question, r.answers).prompt)
-        if method in ("symbolic", "random", "moa"):
-            stages["aggregate"] = self._aggregate(results, self.aggregator())
+        mode = self.config.aggregation if method in ("symbolic", "random") else "aggregator"
+        if method in ("symbolic", "random", "moa") and mode != "majority":
+            todo = []
             for r in results:
-                r.answer = self.grader.extract(r.question, r.final)
+                if mode == "skip-on-agreement" and self._agrees(r):
+                    self._vote(r)
+                else:
+                    todo.append(r)
+            stages["aggregate"] = self._aggregate(todo, self.aggregator())
         else:
             for r in results:
-                r.answer = majority([self.grader.extract(r.question, a) for a in r.answers])
-                r.final = next((a for a in r.answers if self.grader.extract(r.question, a) == r.answer),
-                               r.answers[0])
+                self._vote(r)
         for r in results:
             if r.question.reference is not None:
                 r.correct = self.grader.check(r.question, r.answer)

@@ -15,12 +15,12 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mixserve.mixture.experts import ExpertAnswer, ExpertRequest, Question, chat_messages, raw_prompt
+from mixserve.mixture.experts import ExpertAnswer, ExpertRequest, Question, chat_messages, raw_prompt, request_params
 from mixserve.mixture.grading import TaskGrader
 from mixserve.mixture.pipeline import Mixture, MixtureConfig, MixtureRun
 from mixserve.mixture.pool import ModelPool
 from mixserve.mixture.profiles import Profiles
-from mixserve.mixture.skills import KeywordMapper, MiniLMEmbedder
+from mixserve.mixture.skills import KeywordMapper, MiniLMEmbedder, SkillConfig
 from mixserve.sampling_params import SamplingParams
 from mixserve.server.errors import ApiError
 
@@ -42,10 +42,8 @@ class EngineExpert:
             return list(tok.encode(raw_prompt(request)))
 
     async def _one(self, request: ExpertRequest) -> ExpertAnswer:
-        from dataclasses import replace
-
         ids = self._ids(request)
-        params = replace(self.params, seed=request.seed if self.params.temperature > 0 else None)
+        params = request_params(self.params, request)
         text, n = "", 0
         async for delta in self.state.engine.stream(f"mix-{uuid.uuid4().hex}", ids, params):
             for out in delta.outputs:
@@ -69,13 +67,16 @@ class ServedMixture:
     """One `mixture/<name>` model: batches concurrent questions and runs the mixture on the pool."""
 
     def __init__(self, name: str, profiles: Profiles, pool: ModelPool[Any], params: SamplingParams,
-                 window_s: float = 0.05, expert_of: Any = None, executor: Any = None) -> None:
+                 window_s: float = 0.05, expert_of: Any = None, executor: Any = None,
+                 config: MixtureConfig | None = None, skills: SkillConfig | None = None) -> None:
         self.name = PREFIX + name
         self.profiles, self.pool, self.params, self.window_s = profiles, pool, params, window_s
         self.expert_of = expert_of
         """None: engines of this process (`EngineExpert`); the cluster passes its pool's remote experts."""
         self.executor = executor
         """The `Mixture` executor (None: `run_grouped` in this process)."""
+        self.config = config or MixtureConfig()
+        self.skills = skills
         self.mapper: KeywordMapper | None = None
         self.pending: list[_Pending] = []
         self.lock = asyncio.Lock()
@@ -84,7 +85,8 @@ class ServedMixture:
         if self.mapper is None:
             self.mapper = KeywordMapper(self.profiles.vocabulary(), MiniLMEmbedder())
         expert_of = self.expert_of or (lambda _n, state: EngineExpert(state, self.params, loop))
-        return Mixture(self.pool, expert_of, self.profiles, TaskGrader(), MixtureConfig(), mapper=self.mapper,
+        return Mixture(self.pool, expert_of, self.profiles, TaskGrader(), self.config, self.skills,
+                       mapper=self.mapper,
                        executor=self.executor)
 
     async def answer(self, text: str) -> tuple[MixtureRun, int]:

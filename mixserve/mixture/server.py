@@ -25,7 +25,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mixserve.mixture.models import LLMLoader, ModelSpec
+from mixserve.mixture.pipeline import MixtureConfig
 from mixserve.mixture.pool import LoadResult, ModelPool, PoolError
+from mixserve.mixture.skills import SkillConfig
 from mixserve.server.errors import ApiError
 from mixserve.server.metrics import PREFIX, ServerMetrics, _EngineCollector
 from mixserve.server.serving import ServerState
@@ -199,9 +201,12 @@ class PoolCollector(Collector):
 
 def make_pool_app(specs: list[ModelSpec], budget_bytes: int, front: ServerState, cache_dir: str | None,
                   preload: list[str], mixtures: dict[str, str] | None = None,
-                  mixture_max_tokens: int = 128) -> tuple[FastAPI, ServerState, PoolRouter]:
+                  mixture_max_tokens: int = 128, mixture_temperature: float = 0.7,
+                  mixture_config: MixtureConfig | None = None, mixture_skills: SkillConfig | None = None
+                  ) -> tuple[FastAPI, ServerState, PoolRouter]:
     """The app of a pool server; `mixtures` maps a mixture name to its profiles JSON (served as
-    `mixture/<name>`)."""
+    `mixture/<name>`), answered with `mixture_config` (default: the paper's) and its experts sampled at
+    `mixture_temperature`."""
     from mixserve.config import ConfigError
     from mixserve.mixture.profiles import Profiles
     from mixserve.mixture.served import ServedMixture
@@ -218,7 +223,9 @@ def make_pool_app(specs: list[ModelSpec], budget_bytes: int, front: ServerState,
         if missing:
             raise ConfigError(f"invalid --mixture {name}={path}: its profiles name models this server does not "
                               f"have: {missing} (served: {pool.names})", field="mixture")
-        mixture = ServedMixture(name, profiles, pool, SamplingParams(max_tokens=mixture_max_tokens, temperature=0.7))
+        mixture = ServedMixture(name, profiles, pool, SamplingParams(max_tokens=mixture_max_tokens,
+                                                                     temperature=mixture_temperature),
+                                config=mixture_config, skills=mixture_skills)
         served[mixture.name] = mixture
     router = PoolRouter(pool, specs[0].name, served)
     registry.register(PoolCollector(pool))
@@ -246,14 +253,16 @@ def make_pool_app(specs: list[ModelSpec], budget_bytes: int, front: ServerState,
 
 
 def serve_pool(specs: list[ModelSpec], budget_bytes: int, options: Any, preload: list[str],
-               mixtures: dict[str, str] | None = None, mixture_max_tokens: int = 128) -> int:
+               mixtures: dict[str, str] | None = None, mixture_max_tokens: int = 128,
+               mixture_temperature: float = 0.7, mixture_config: MixtureConfig | None = None,
+               mixture_skills: SkillConfig | None = None) -> int:
     from mixserve.server.http import uvicorn_config
 
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     front = ServerState(model_name=specs[0].name, reject_unknown_fields=options.reject_unknown_fields,
                         request_limits=options.limits)
     app, _, _ = make_pool_app(specs, budget_bytes, front, options.cache_dir, preload, mixtures,
-                              mixture_max_tokens)
+                              mixture_max_tokens, mixture_temperature, mixture_config, mixture_skills)
     server = uvicorn.Server(uvicorn_config(app, options.limits, host=options.host, port=options.port,
                                            log_level=options.log_level, access_log=False,
                                            timeout_graceful_shutdown=int(options.shutdown_timeout_s)))

@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from mixserve.config import ConfigError
 from mixserve.mixture.experts import Expert, ExpertRequest, Question
@@ -28,6 +28,37 @@ KEYWORD_SHOTS: tuple[tuple[str, str], ...] = tuple(
         ("Sort these numbers in ascending order: 9, 2, 7.", "sorting, ordering, comparison"),
         ("Who wrote the novel Pride and Prejudice?", "literature, history, authors")))
 
+# The released Symbolic-MoE prompt (agent.py `annotate_skills`), one user turn, generic example keywords.
+PAPER_KEYWORD_PROMPT = ("Question: {question}\nWhat are the core knowledge, subjects or skills needed to solve this "
+                        "problem? List 2-5 keywords separated in comma. Example keywords: psychology, virology, "
+                        "behavioral theory, microbiology, diplomacy, political science, property law, finance, "
+                        "business. Give ONLY the keywords, no other words or explanation. Follow this format: "
+                        "Keywords: <keyword1>, <keyword2>...")
+
+# Chat-turn examples none of which is a question of the task suite's families (KEYWORD_SHOTS has an
+# addition and a sorting question).
+GENERIC_KEYWORD_SHOTS: tuple[tuple[str, str], ...] = tuple(
+    (KEYWORD_PROMPT.format(question=q), f"Keywords: {k}") for q, k in (
+        ("Who wrote the novel Pride and Prejudice?", "literature, history, authors"),
+        ("Solve for x: 2x + 3 = 11.", "algebra, linear equations"),
+        ("Which gas do plants absorb from the air?", "biology, photosynthesis, chemistry"),
+        ("What is the derivative of x^3?", "calculus, derivatives")))
+
+KeywordPrompt = Literal["shots", "paper", "generic-shots"]
+KEYWORD_PROMPTS: tuple[str, ...] = ("shots", "paper", "generic-shots")
+
+
+def keyword_request(question: Question, seed: int, style: str = "shots",
+                    temperature: float | None = None) -> ExpertRequest:
+    """One keyword sample: `shots` (KEYWORD_PROMPT after KEYWORD_SHOTS as chat turns), `paper` (the released
+    code's single-turn prompt) or `generic-shots` (GENERIC_KEYWORD_SHOTS)."""
+    if style == "paper":
+        return ExpertRequest(question, PAPER_KEYWORD_PROMPT.format(question=question.text), "keywords", seed=seed,
+                             temperature=temperature)
+    shots = GENERIC_KEYWORD_SHOTS if style == "generic-shots" else KEYWORD_SHOTS
+    return ExpertRequest(question, KEYWORD_PROMPT.format(question=question.text), "keywords", seed=seed,
+                         shots=shots, temperature=temperature)
+
 
 @dataclass(frozen=True)
 class SkillConfig:
@@ -39,6 +70,11 @@ class SkillConfig:
     """Keep a keyword seen at least this many times across the k samples (paper: more than once)."""
     max_keyword_chars: int = 20
     """Longer keywords are dropped (as the released code does)."""
+    temperature: float | None = 0.7
+    """Sampling temperature of the keyword samples (the released code's 0.7), whatever the annotator's
+    own; None: the annotator's."""
+    prompt: KeywordPrompt = "shots"
+    """Keyword prompt: see `keyword_request`."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -46,6 +82,12 @@ class SkillConfig:
                               field="num_samples")
         if self.min_count < 1:
             raise ConfigError(f"invalid config min_count={self.min_count!r}: must be >= 1", field="min_count")
+        if self.prompt not in KEYWORD_PROMPTS:
+            raise ConfigError(f"invalid config prompt={self.prompt!r}: one of {', '.join(KEYWORD_PROMPTS)}",
+                              field="prompt")
+        if self.temperature is not None and self.temperature < 0:
+            raise ConfigError(f"invalid config temperature={self.temperature!r}: must be >= 0",
+                              field="temperature")
 
 
 def parse_keywords(text: str) -> list[str]:
@@ -76,8 +118,7 @@ class KeywordExtractor:
 
     def extract(self, questions: list[Question]) -> list[list[str]]:
         k = self.config.num_samples
-        requests = [ExpertRequest(q, KEYWORD_PROMPT.format(question=q.text), "keywords", seed=s,
-                                  shots=KEYWORD_SHOTS)
+        requests = [keyword_request(q, s, self.config.prompt, self.config.temperature)
                     for q in questions for s in range(k)]
         answers = self.annotator.generate(requests)
         return [consistent_keywords([parse_keywords(a.text) for a in answers[i * k:(i + 1) * k]], self.config)

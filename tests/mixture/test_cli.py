@@ -32,4 +32,10 @@ def test_profile_then_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     dump = json.loads(out.read_text())
     assert len(dump["majority"]["results"]) == 4 and dump["majority"]["results"][0]["recruited"] == ["a", "b"]
     assert dump["random"]["stages"]["aggregate"]["switches"] == 1  # one aggregator, one batch
+    assert all(r["aggregated"] for r in dump["random"]["results"])
+    voted = tmp_path / "voted.json"
+    assert main(["mixture", "run", *common, "--profiles", str(tmp_path / "p.json"), "--method", "random",
+                 "--aggregation", "majority", "--temperature", "0", "--out", str(voted)]) == 0
+    dump = json.loads(voted.read_text())
+    assert "aggregate" not in dump["random"]["stages"] and not any(r["aggregated"] for r in dump["random"]["results"])
     assert main(["mixture", "run", *common, "--profiles", str(tmp_path / "missing.json")]) == 2

@@ -116,3 +116,64 @@ def test_unknown_method() -> None:
     mixture, _ = _mixture(n_val=3)
     with pytest.raises(ValueError, match="invalid method='best'"):
         mixture.run([Question("q", "x")], "best")
+
+
+class _CountingAggregator:
+    """Wraps a synthetic expert; counts the aggregate requests it gets."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.aggregated = inner, 0
+
+    def generate(self, requests: list[object]) -> list[object]:
+        self.aggregated += sum(r.role == "aggregate" for r in requests)  # type: ignore[attr-defined]
+        return self.inner.generate(requests)  # type: ignore[attr-defined]
+
+
+def test_aggregation_modes() -> None:
+    """aggregator (paper, default): every question goes to the aggregator; skip-on-agreement (MOSAIC):
+    only the questions whose k answers do not all agree; majority: none, the vote of the k answers."""
+    base, _ = _mixture()
+    assert base.config.aggregation == "aggregator"
+    questions = questions_from(mixed_problems(TASKS, 20, seed=8, difficulty=1))
+    runs = {}
+    for mode in ("aggregator", "skip-on-agreement", "majority"):
+        wrapped: dict[str, _CountingAggregator] = {}
+
+        def counting(name: str, handle: object, wrapped: dict[str, _CountingAggregator] = wrapped) -> object:
+            return wrapped.setdefault(name, _CountingAggregator(handle))
+        mixture = Mixture(base.pool, counting, base.profiles, base.grader,  # type: ignore[arg-type]
+                          MixtureConfig(aggregation=mode), annotator="meh")  # type: ignore[arg-type]
+        run = mixture.run(questions, "symbolic")
+        runs[mode] = run
+        asked = sum(w.aggregated for w in wrapped.values())
+        agree = [r for r in run.results
+                 if len({base.grader.extract(r.question, a) for a in r.answers} - {None}) == 1
+                 and len({base.grader.extract(r.question, a) for a in r.answers}) == 1]
+        if mode == "aggregator":
+            assert asked == len(questions) and all(r.aggregated for r in run.results)
+        elif mode == "skip-on-agreement":
+            assert 0 < len(agree) < len(questions)
+            assert asked == len(questions) - len(agree)
+            assert all(not r.aggregated and r.answer == base.grader.extract(r.question, r.answers[0])
+                       for r in agree)
+        else:
+            assert asked == 0 and "aggregate" not in run.stages and not any(r.aggregated for r in run.results)
+    # the same recruitment and expert answers in every mode (seeded), only the final step differs
+    assert [r.answers for r in runs["aggregator"].results] == [r.answers for r in runs["majority"].results]
+    # the synthetic aggregator votes, so all three modes give the same answers here
+    assert [r.answer for r in runs["aggregator"].results] == [r.answer for r in runs["majority"].results] == [
+        r.answer for r in runs["skip-on-agreement"].results]
+    with pytest.raises(ValueError, match="aggregation='best'"):
+        MixtureConfig(aggregation="best")  # type: ignore[arg-type]
+
+
+def test_symbolic_reuses_given_keywords() -> None:
+    """Keywords from an earlier run: no keyword stage, the same recruitment (seeded) as extracting them."""
+    mixture, _ = _mixture()
+    questions = questions_from(mixed_problems(TASKS, 6, seed=9, difficulty=1))
+    first = mixture.run(questions, "symbolic")
+    again = mixture.run(questions, "symbolic", keywords=[r.keywords for r in first.results])
+    assert "keywords" in first.stages and "keywords" not in again.stages
+    assert [r.recruited for r in again.results] == [r.recruited for r in first.results]
+    with pytest.raises(ValueError, match="2 lists for 18 questions"):
+        mixture.run(questions, "symbolic", keywords=[[], []])

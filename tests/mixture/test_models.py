@@ -56,3 +56,23 @@ def test_llm_loader_measures_bytes_and_evicts(tmp_path: Path) -> None:
     pool.load("b")
     assert pool.state("a") == "unloaded" and pool.stats("a").evictions == 1
     assert pool.resident_bytes() == loader.measured["b"] <= pool.budget_bytes
+
+
+def test_estimate_of_a_dense_safetensors_folder_is_its_loaded_size(tmp_path: Path) -> None:
+    """A float32 safetensors folder is not inflated like a quantized GGUF: the estimate (its tensors'
+    element count x 4 + KV) is close to the measured size, so a budget that holds the model admits it
+    before its first load (the disk x 6 estimate asked 3.3 GB for a 605 MB specialist)."""
+    from mixserve.mixture.models import LLMLoader
+
+    folder = tmp_path / "a"
+    tiny_llama(folder)
+    write_tokenizer(folder, generation_eos=[256])
+    (tmp_path / "q.gguf").write_bytes(b"\0" * 1000)
+    loader = LLMLoader([ModelSpec("a", str(folder), kv_cache_mib=4, max_model_len=128),
+                        ModelSpec("g", str(tmp_path / "q.gguf"), kv_cache_mib=4)])
+    estimate = loader.estimate_bytes("a")
+    assert loader.estimate_bytes("g") == 6000 + (4 << 20)  # quantized: disk x inflation
+    loader.load("a")
+    measured = loader.measured["a"]
+    assert abs(estimate - measured) <= 0.1 * measured, (estimate, measured)
+    assert loader.estimate_bytes("a") == measured

@@ -95,3 +95,61 @@ def test_keyword_requests_carry_few_shot_chat_turns() -> None:
     assert messages[-1]["content"].endswith("Question: What is 2 + 2?")
     assert llm.prompts == [FakeLLM().chat_prompt(messages)] * 2
     assert raw_prompt(req).endswith("Question: What is 2 + 2?\n") and "Keywords: arithmetic" in raw_prompt(req)
+
+
+def test_keyword_samples_keep_their_temperature_when_experts_answer_greedily() -> None:
+    """Self-consistency needs sampled keywords: the keyword requests carry SkillConfig.temperature (the
+    released code's 0.7) and their seeds even when the annotator's own params are greedy; a request
+    without an override keeps the expert's params (greedy: no seed)."""
+    from types import SimpleNamespace
+
+    from mixserve.mixture.experts import LLMExpert, request_params
+    from mixserve.sampling_params import SamplingParams
+
+    class FakeLLM:
+        def __init__(self) -> None:
+            self.params: list[SamplingParams] = []
+
+        def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+            return messages[-1]["content"]
+
+        def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[object]:
+            self.params += params
+            return [SimpleNamespace(outputs=[SimpleNamespace(text="Keywords: gcd", token_ids=[1])],
+                                    prompt_token_ids=[1]) for _ in prompts]
+
+    llm = FakeLLM()
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    KeywordExtractor(LLMExpert(llm, greedy), SkillConfig(num_samples=3)).extract(  # type: ignore[arg-type]
+        [Question("q0", "gcd of 4 and 6?")])
+    assert [(p.temperature, p.seed) for p in llm.params] == [(0.7, 0), (0.7, 1), (0.7, 2)]
+    solve = ExpertRequest(Question("q1", "x"), "x", seed=5)
+    assert (request_params(greedy, solve).temperature, request_params(greedy, solve).seed) == (0.0, None)
+    inherit = SkillConfig(temperature=None)
+    llm.params.clear()
+    KeywordExtractor(LLMExpert(llm, greedy), inherit).extract([Question("q0", "gcd?")])  # type: ignore[arg-type]
+    assert {(p.temperature, p.seed) for p in llm.params} == {(0.0, None)}
+    with pytest.raises(ValueError, match="temperature=-1"):
+        SkillConfig(temperature=-1)
+
+
+def test_keyword_prompt_styles() -> None:
+    """shots (default): the chat-turn examples; paper: the released code's one-turn prompt; generic-shots:
+    examples none of which is a task-suite family question; a bad style is a clear error."""
+    from mixserve.mixture.skills import GENERIC_KEYWORD_SHOTS, KEYWORD_SHOTS, keyword_request
+
+    q = Question("q", "What is 4 + 4?")
+    assert SkillConfig().prompt == "shots"
+    shots = keyword_request(q, 1)
+    assert shots.shots == KEYWORD_SHOTS and shots.prompt.endswith("Question: What is 4 + 4?") and shots.seed == 1
+    paper = keyword_request(q, 0, "paper", 0.7)
+    assert paper.shots == () and paper.temperature == 0.7
+    assert paper.prompt.startswith("Question: What is 4 + 4?\nWhat are the core knowledge, subjects or skills")
+    assert paper.prompt.endswith("Follow this format: Keywords: <keyword1>, <keyword2>...")
+    generic = keyword_request(q, 0, "generic-shots")
+    assert generic.shots == GENERIC_KEYWORD_SHOTS
+    assert not any(w in user.lower() for user, _ in generic.shots for w in ("sort", "divisor", "gcd", "what is 3"))
+    annotator = _Annotator(["Keywords: a, b"] * 3)
+    KeywordExtractor(annotator, SkillConfig(num_samples=3, prompt="paper")).extract([q])
+    with pytest.raises(ValueError, match="prompt='fancy'"):
+        SkillConfig(prompt="fancy")  # type: ignore[arg-type]
